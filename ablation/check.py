@@ -41,7 +41,8 @@ def check_deactivation(
             "select n_moe_layers, n_experts from runs where run_id = ?", [run_id]
         ).fetchone()
         seqs = con.execute(
-            "select question_id, token_start, n_tokens from sequences where run_id = ? order by token_start",
+            "select question_id, coalesce(shard, -1) as shard, token_start, n_tokens from sequences"
+            " where run_id = ? order by shard nulls first, token_start",
             [run_id],
         ).fetchnumpy()
         off = con.execute(
@@ -53,25 +54,22 @@ def check_deactivation(
     masks = np.zeros((len(questions), n_layers, n_experts), dtype=bool)
     masks[np.searchsorted(questions, off["question_id"]), off["layer"], off["expert"]] = True
     seq_question = np.searchsorted(questions, seqs["question_id"])
-    starts, lengths = seqs["token_start"].astype(np.int64), seqs["n_tokens"].astype(np.int64)
+    lengths = seqs["n_tokens"].astype(np.int64)
 
     gates = lake.gates(read_only=True)
     layers = np.arange(n_layers)[None, :, None]
     tokens = violations = 0
-    i = 0
-    while i < len(starts):
-        j, total = i, 0
-        while j < len(starts) and (j == i or total + lengths[j] <= tokens_per_read):
-            total += lengths[j]
-            j += 1
-        lo, hi = starts[i], starts[j - 1] + lengths[j - 1]
-        ids = gates.read(run_id, int(lo), int(hi)).topk_ids.astype(np.int64)
-        # Rows of the block that belong to these sequences, and each one's question.
-        rows = np.concatenate(
-            [np.arange(s, s + n) for s, n in zip(starts[i:j] - lo, lengths[i:j], strict=True)]
+    for shard in np.unique(seqs["shard"]):
+        pick = np.flatnonzero(seqs["shard"] == shard)
+        blocks = gates.read_sequences(
+            run_id,
+            None if shard < 0 else int(shard),
+            seqs["token_start"][pick].astype(np.int64),
+            lengths[pick],
+            tokens_per_read=tokens_per_read,
         )
-        owner = np.repeat(seq_question[i:j], lengths[i:j])
-        violations += int(masks[owner[:, None, None], layers, ids[rows]].sum())
-        tokens += len(rows)
-        i = j
+        for which, block in blocks:
+            owner = np.repeat(seq_question[pick][which], lengths[pick][which])
+            violations += int(masks[owner[:, None, None], layers, block.topk_ids.astype(np.int64)].sum())
+            tokens += len(block)
     return DeactivationCheck(tokens, violations)

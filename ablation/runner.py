@@ -11,7 +11,9 @@ process and running the same call again continues with the batches not yet commi
 left as it is.
 
 The model runs on the recorded run's backend unless another is asked for; the backend is part of the run
-key (it changes the numerics), the vLLM engine's settings are stored in the run's params. vLLM runs with
+key (it changes the numerics), the vLLM engine's settings are stored in the run's params. The batches are
+asked by the recorder's pools (:mod:`xici.recorder.pool`): in this process, or by workers on Ray that append
+to shards of the run's arrays, one pool for every condition of the call. vLLM runs with
 prefix caching off, so no masked request ever reuses KV computed with other experts.
 
 Answers are graded by the analysis' grader, built so that its version is the one of the grades the
@@ -31,7 +33,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -54,37 +56,24 @@ from xici.ablation.conditions import (
 )
 from xici.ablation.metrics import MetricsRow, metrics_rows, store_metrics
 from xici.analysis.means import ensure_means
-from xici.corpora.graders import Grader, get_grader
+from xici.corpora.graders import get_grader
 from xici.errors import XiciError
 from xici.moe import load_config, resolve
-from xici.recorder.hf_backend import Generator, resolve_device
+from xici.recorder.asking import AskerSpec, Unit, check_backend
+from xici.recorder.hf_backend import resolve_device
+from xici.recorder.pool import Job, Pool, RayOptions, open_pool
 from xici.recorder.run import (
-    Answer,
-    Asker,
     BatchDone,
     RecordSpec,
-    Unit,
-    check_backend,
-    commit_answers,
     config_sha256,
     library_versions,
     load_units,
-    open_generator,
     pending_batches,
 )
 from xici.warehouse import Lake
 
 #: Bump when a change alters what an ablation run asks or stores, so old runs are not resumed as new ones.
 ABLATION_VERSION = 1
-
-
-class Asks(Protocol):
-    """What the runner needs from a model backend: :class:`xici.recorder.run.Asker` is one."""
-
-    grader: Grader
-    generator: Generator
-
-    def ask(self, units: Sequence[Unit], *, masks: torch.Tensor | None = None) -> list[Answer]: ...
 
 
 @dataclass
@@ -153,7 +142,7 @@ def run_ablation(
     grader_options: Mapping[str, Any] | None = None,
     backend: str | None = None,
     engine_options: Mapping[str, Any] | None = None,
-    asker: Asks | None = None,
+    ray: RayOptions | None = None,
     on_batch: Callable[[str, BatchDone], None] | None = None,
     stop_after_batches: int | None = None,
 ) -> AblationResult:
@@ -163,10 +152,10 @@ def run_ablation(
     was graded with when it used that grader, none otherwise. ``backend`` None is the recorded run's;
     ``engine_options`` are the vLLM engine's (:data:`~xici.recorder.vllm_backend.ENGINE_OPTIONS`). Everything
     that can be refused is refused before anything is written. The model is loaded only when some run has
-    work left (and closed before returning), unless an ``asker`` (grading like the analysis, generating with
-    ``backend``) is given. ``stop_after_batches`` returns after committing that many batches,
-    leaving the rest for the next call (an interruption on purpose). Returns each run's progress and the
-    analysis' stored metrics (of every seed run so far).
+    work left (and closed before returning); ``ray`` loads it on Ray workers instead, which ask every
+    condition's batches (:mod:`xici.recorder.ray_pool`). ``stop_after_batches`` returns after committing
+    that many batches, leaving the rest for the next call (an interruption on purpose). Returns each run's
+    progress and the analysis' stored metrics (of every seed run so far).
     """
     if batch_size < 1:
         raise XiciError("--batch-size must be at least 1", where=f"--batch-size {batch_size}")
@@ -180,6 +169,7 @@ def run_ablation(
     plans = _plans(lake, source, backend, baselines, seed)
 
     result = AblationResult(analysis_id)
+    pool: Pool | None = None
     with contextlib.ExitStack() as opened:
         for plan in plans:
             if plan.status == "finished":
@@ -194,18 +184,11 @@ def run_ablation(
             left = None if stop_after_batches is None else stop_after_batches - done
             if left == 0:
                 break
-            if asker is None:
-                spec = source.spec
-                generator = open_generator(
-                    backend, spec.model, device=device, dtype=spec.dtype, engine_options=engine_options
-                )
-                asker = _asker(source, opened.enter_context(contextlib.closing(generator)))
-            elif (asker.grader.name, asker.grader.version) != (source.analysis.grader, source.grader_version):
-                raise ValueError("the asker does not grade with the analysis' grader and version")
-            elif asker.generator.metadata["backend"] != backend:
-                raise ValueError(f"the asker does not generate with the {backend} backend")
-            params = _params(source, plan, backend, asker.generator.metadata, device, batch_size)
-            run = _run(lake, source, plan, params, asker, batch_size, left, on_batch)
+            if pool is None:
+                asking = _asker(source, backend, device, engine_options)
+                pool = opened.enter_context(contextlib.closing(open_pool(asking, ray, lake)))
+            params = _params(source, plan, backend, pool.metadata, device, batch_size)
+            run = _run(lake, source, plan, params, pool, batch_size, left, on_batch)
             result.runs.append(run)
             if not run.finished:
                 break
@@ -318,16 +301,10 @@ def _pool(lake: Lake, analysis: Analysis, n_experts: int) -> list[Pair]:
     return lake.read(lambda con: random_pool(con, analysis, n_experts))
 
 
-def _asker(source: _Source, generator: Generator) -> Asker:
-    """The recorded run's way of asking, graded like the analysis' grades."""
-    spec = source.spec
-    return Asker(
-        generator,
-        spec.prompt_format,
-        source.analysis.grader,
-        max_new_tokens=spec.max_new_tokens,
-        grader_options=source.grader_options,
-    )
+def _asker(source: _Source, backend: str, device: str, engine_options: Mapping[str, Any] | None) -> AskerSpec:
+    """The recorded run's way of asking (on ``backend``), graded like the analysis' grades."""
+    recorded = replace(source.spec, backend=backend, grader=source.analysis.grader, store_logits=False)
+    return recorded.asker(device, grader_options=source.grader_options, engine_options=engine_options)
 
 
 def _run_key(source: _Source, condition: str, seed: int | None, backend: str) -> str:
@@ -423,7 +400,7 @@ def _run(
     source: _Source,
     plan: _Plan,
     params: dict[str, Any],
-    asker: Asks,
+    pool: Pool,
     batch_size: int,
     max_batches: int | None,
     on_batch: Callable[[str, BatchDone], None] | None,
@@ -443,19 +420,21 @@ def _run(
         batches = pending_batches(lake, run_id, units, batch_size)
         result = ConditionResult(plan.condition, plan.seed, run_id, created, len(units), batches.done_before)
         masks = {a.question_id: deactivation.mask(a.pairs) for a in assignments}
-        for batch, pending in batches.pending:
-            if result.batches == max_batches:
-                return result
-            rows = torch.from_numpy(np.stack([masks[u.question_id] for u in pending]))
-            commit_answers(lake, run_id, asker.ask(pending, masks=rows), asker.grader)
-            result.asked += len(pending)
+        jobs = [
+            Job(batch, pending, torch.from_numpy(np.stack([masks[u.question_id] for u in pending])))
+            for batch, pending in batches.pending[:max_batches]
+        ]
+        for job in pool.run(lake, run_id, jobs):
+            result.asked += len(job.units)
             result.batches += 1
             if on_batch is not None:
                 units_done = result.done_before + result.asked
                 on_batch(
                     plan.condition,
-                    BatchDone(run_id, batch, batches.n_batches, units_done, len(units), len(pending)),
+                    BatchDone(run_id, job.batch, batches.n_batches, units_done, len(units), len(job.units)),
                 )
+        if len(jobs) < len(batches.pending):
+            return result
         check = lake.retrying(lambda _: check_deactivation(lake, run_id))
 
         def finish(con: duckdb.DuckDBPyConnection) -> None:

@@ -327,8 +327,6 @@ zyn zyp zza zzj
 """
 
 # three-letter ISO 639-2 code -> the ISO 639-1 code of the same language (eng -> en, fre -> fr)
-TWO_LETTER_OF: dict[str, str] = {
-    three: two for two, three in (pair.split(":") for pair in _PAIRS.split())
-}
+TWO_LETTER_OF: dict[str, str] = {three: two for two, three in (pair.split(":") for pair in _PAIRS.split())}
 TWO_LETTER: frozenset[str] = frozenset(TWO_LETTER_OF.values())
 THREE_LETTER: frozenset[str] = frozenset(_THREE.split())

@@ -40,4 +40,3 @@ def read(path: Path, source: Source) -> Iterator[PromptRecord]:
             file=str(path),
             line=number,
         )
-

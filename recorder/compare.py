@@ -70,8 +70,10 @@ class RunComparison:
 class _Pair:
     """One matched (question, language): its token range and answer in each run."""
 
+    shard_a: int | None
     start_a: int
     n_a: int
+    shard_b: int | None
     start_b: int
     n_b: int
     answer_a: tuple[int, str]  # (n_generated, response_text)
@@ -93,8 +95,8 @@ def compare_runs(lake: Lake, run_a: int, run_b: int) -> RunComparison:
     gates = lake.gates(read_only=True)
     weight_sum, weight_n, weight_max = 0.0, 0, None
     for group in _groups(pairs):
-        block_a = _block(gates, run_a, [(p.start_a, p.n_a) for p in group])
-        block_b = _block(gates, run_b, [(p.start_b, p.n_b) for p in group])
+        block_a = _block(gates, run_a, group[0].shard_a, [(p.start_a, p.n_a) for p in group])
+        block_b = _block(gates, run_b, group[0].shard_b, [(p.start_b, p.n_b) for p in group])
         for pair, a, b in zip(group, block_a, block_b, strict=True):
             common = _common_prefix(a.token_ids, b.token_ids)
             if common == len(a) == len(b) and pair.answer_a == pair.answer_b:
@@ -135,11 +137,12 @@ def _read(
         shapes.append(row[:3])
         counts.append(row[3])
     pairs = [
-        _Pair(row[0], row[1], row[2], row[3], (row[4], row[5]), (row[6], row[7]))
+        _Pair(*row[:6], (row[6], row[7]), (row[8], row[9]))
         for row in con.execute(
-            "select a.token_start, a.n_tokens, b.token_start, b.n_tokens, a.n_generated, a.response_text,"
-            " b.n_generated, b.response_text from sequences a join sequences b using (question_id, lang)"
-            " where a.run_id = ? and b.run_id = ? order by a.token_start",
+            "select a.shard, a.token_start, a.n_tokens, b.shard, b.token_start, b.n_tokens, a.n_generated,"
+            " a.response_text, b.n_generated, b.response_text"
+            " from sequences a join sequences b using (question_id, lang)"
+            " where a.run_id = ? and b.run_id = ? order by a.shard nulls first, a.token_start",
             [run_a, run_b],
         ).fetchall()
     ]
@@ -155,15 +158,17 @@ def _read(
 
 
 def _groups(pairs: Sequence[_Pair]) -> Iterator[list[_Pair]]:
-    """Consecutive pairs whose token ranges span at most a block in both runs (a lone longer pair is a group
-    of its own); runs asked in the same order give full blocks, any other order still works."""
+    """Consecutive pairs in one shard of each run whose token ranges span at most a block in both runs (a
+    lone longer pair is a group of its own); runs asked in the same order give full blocks, any other order
+    still works."""
     group: list[_Pair] = []
     low_a = high_a = low_b = high_b = 0
     for pair in pairs:
         end_a, end_b = pair.start_a + pair.n_a, pair.start_b + pair.n_b
         wide_a = max(high_a, end_a) - min(low_a, pair.start_a) > _BLOCK_TOKENS
         wide_b = max(high_b, end_b) - min(low_b, pair.start_b) > _BLOCK_TOKENS
-        if group and (wide_a or wide_b):
+        other_shard = group and (pair.shard_a, pair.shard_b) != (group[0].shard_a, group[0].shard_b)
+        if group and (wide_a or wide_b or other_shard):
             yield group
             group = []
         if not group:
@@ -175,11 +180,13 @@ def _groups(pairs: Sequence[_Pair]) -> Iterator[list[_Pair]]:
         yield group
 
 
-def _block(gates: GateStore, run_id: int, ranges: list[tuple[int, int]]) -> list[TokenArrays]:
-    """Each (start, length) range of a run, read in one go."""
+def _block(
+    gates: GateStore, run_id: int, shard: int | None, ranges: list[tuple[int, int]]
+) -> list[TokenArrays]:
+    """Each (start, length) range of a run's shard, read in one go."""
     low = min(start for start, _ in ranges)
     high = max(start + n for start, n in ranges)
-    block = gates.read(run_id, low, high)
+    block = gates.read(run_id, low, high, shard=shard)
     return [
         TokenArrays(
             block.token_ids[start - low : start - low + n],

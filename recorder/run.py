@@ -7,10 +7,9 @@ recomputes exactly the batches it had not committed, with the same padding and n
 lake is the one an uninterrupted run leaves. The run key hashes everything that changes the recorded data;
 operational knobs (device, batch size, progress) are not in it, so re-running a command resumes its run.
 
-:class:`Asker` is the part the ablation runner reuses: the same prompt, greedy decoding and grader as a
-recorded run, with optional per-row expert masks. It asks through either backend (:func:`open_generator`:
-transformers or vLLM), which write the same lake; the backend is part of the run key, the vLLM engine's
-operational settings are only stored in the run's params.
+The batches are asked by a pool (:mod:`xici.recorder.pool`): this process, or workers on Ray, which write
+the same lake. Either asks through either backend (transformers or vLLM); the backend is part of the run
+key, the engine's and the pool's operational settings are only stored in the run's params.
 """
 
 from __future__ import annotations
@@ -28,19 +27,11 @@ from typing import Any
 import duckdb
 import torch
 
-from xici.corpora.graders import Grade, GradeItem, Grader, get_grader
-from xici.corpora.thinking import split_thinking
+from xici.corpora.graders import Grader, get_grader
 from xici.errors import XiciError
-from xici.recorder import BACKENDS
-from xici.recorder.grading import store_grades, store_thinking
-from xici.recorder.hf_backend import (
-    Generation,
-    Generator,
-    HFGenerator,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
-)
+from xici.recorder.asking import AskerSpec, Unit, check_backend
+from xici.recorder.hf_backend import load_tokenizer, resolve_device, resolve_dtype
+from xici.recorder.pool import Job, RayOptions, open_pool
 from xici.recorder.prompting import DEFAULT_SYSTEM, Prompt, PromptFormat
 from xici.warehouse import Lake
 from xici.warehouse.gates import GATE_DTYPES
@@ -62,17 +53,6 @@ _DEFINING = (
     "store_logits",
 )
 _VERSIONED = ("xici", "torch", "transformers", "tokenizers", "duckdb", "zarr", "numpy", "pyarrow")
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One (question, language) of a dataset; ``index`` is its place in the run's unit order."""
-
-    index: int
-    question_id: str
-    lang: str
-    question: str
-    answers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -123,6 +103,28 @@ class RecordSpec:
     def prompt_format(self) -> PromptFormat:
         return PromptFormat(self.system, self.prompt_template)
 
+    def asker(
+        self,
+        device: str,
+        *,
+        grader_options: Mapping[str, Any] | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> AskerSpec:
+        """How this recording asks (a resolved ``device``; ``dtype`` as stored, resolved at record time)."""
+        return AskerSpec(
+            backend=self.backend,
+            model=self.model,
+            device=device,
+            dtype=self.dtype,
+            grader=self.grader,
+            max_new_tokens=self.max_new_tokens,
+            system=self.system,
+            prompt_template=self.prompt_template,
+            store_logits=self.store_logits,
+            grader_options=dict(grader_options or {}),
+            engine_options=dict(engine_options or {}),
+        )
+
     @classmethod
     def from_run(cls, con: duckdb.DuckDBPyConnection, run_id: int) -> RecordSpec:
         """The spec a recorded run was made with (as stored in its run row)."""
@@ -133,140 +135,6 @@ class RecordSpec:
             raise XiciError(f"run {run_id} is an {row[0]} run, not a recording", where="--run")
         params = json.loads(row[1])
         return cls(**{name: params[name] for name in cls.__dataclass_fields__})
-
-
-@dataclass
-class Answer:
-    """A unit asked once: its prompt, the generation (with routing), the answer text and its grade.
-
-    ``response`` is the answer without its thinking part, which is ``thinking`` (None when there was none;
-    see :mod:`xici.corpora.thinking`); the grader saw only the answer.
-    """
-
-    unit: Unit
-    prompt: Prompt
-    generation: Generation
-    response: str
-    grade: Grade
-    thinking: str | None = None
-
-    def sequence_row(self) -> dict[str, Any]:
-        """The ``sequences`` columns of this answer (the lake adds ids and token offsets)."""
-        return {
-            "unit": self.unit.index,
-            "question_id": self.unit.question_id,
-            "lang": self.unit.lang,
-            "n_prompt_tokens": len(self.prompt.ids),
-            "n_generated": len(self.generation.output_ids),
-            "prompt_text": self.prompt.text,
-            "response_text": self.response,
-            "finish_reason": self.generation.finish_reason,
-        }
-
-
-class Asker:
-    """Asks units with one prompt format, greedy decoding and one grader, optionally with expert masks."""
-
-    def __init__(
-        self,
-        generator: Generator,
-        prompt_format: PromptFormat,
-        grader_name: str,
-        *,
-        max_new_tokens: int,
-        store_logits: bool = False,
-        grader_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.generator = generator
-        self.prompt_format = prompt_format
-        self.grader = get_grader(grader_name, **(grader_options or {}))
-        # A grader that runs a model (the LLM judge) may borrow this one rather than load it a second time.
-        reuse = getattr(self.grader, "reuse", None)
-        if callable(reuse):
-            reuse(generator)
-        self.max_new_tokens = max_new_tokens
-        self.store_logits = store_logits
-
-    @classmethod
-    def for_run(
-        cls,
-        lake: Lake,
-        run_id: int,
-        *,
-        device: str = "auto",
-        engine_options: Mapping[str, Any] | None = None,
-    ) -> tuple[Asker, list[Unit]]:
-        """An asker that re-asks a recorded run exactly as it was asked (with its backend), and the run's
-        units in order. Close ``asker.generator`` when done."""
-        spec = lake.read(lambda con: RecordSpec.from_run(con, run_id))
-        units = lake.read(lambda con: load_units(con, spec.dataset, spec.languages, spec.limit))
-        generator = open_generator(
-            spec.backend, spec.model, device=device, dtype=spec.dtype, engine_options=engine_options
-        )
-        return cls(generator, spec.prompt_format, spec.grader, max_new_tokens=spec.max_new_tokens), units
-
-    def ask(self, units: Sequence[Unit], *, masks: torch.Tensor | None = None) -> list[Answer]:
-        """Ask the units as one batch; ``masks``: bool ``[len(units), n_moe_layers, n_experts]``, True = off.
-
-        One row per unit; the answers come back in the units' order, their thinking cut off, graded.
-        """
-        prompts = [self.prompt_format.encode(self.generator.tokenizer, u.question) for u in units]
-        generations = self.generator.generate(
-            [p.ids for p in prompts],
-            max_new_tokens=self.max_new_tokens,
-            masks=masks,
-            logits=self.store_logits,
-        )
-        splits = [split_thinking(self.generator.decode(g.output_ids)) for g in generations]
-        items = [
-            GradeItem(u.question, list(u.answers), split.answer, u.lang)
-            for u, split in zip(units, splits, strict=True)
-        ]
-        grades = self.grader.grade(items)
-        return [
-            Answer(unit, prompt, generation, split.answer, grade, split.thinking)
-            for unit, prompt, generation, split, grade in zip(
-                units, prompts, generations, splits, grades, strict=True
-            )
-        ]
-
-
-def check_backend(backend: str, device: str, engine_options: Mapping[str, Any] | None) -> None:
-    """Refuse an unknown backend, engine options without vLLM, or vLLM where it cannot run, before any
-    work."""
-    if backend not in BACKENDS:
-        raise XiciError(
-            f"unknown backend {backend!r}", where="--backend", fix=f"use one of {', '.join(BACKENDS)}"
-        )
-    if backend == "vllm":
-        from xici.recorder.vllm_backend import check_engine_options
-
-        check_engine_options(device, engine_options)
-    elif engine_options:
-        names = ", ".join(f"--{name.replace('_', '-')}" for name in engine_options)
-        raise XiciError(
-            f"{names} only apply to the vLLM backend",
-            where=f"--backend {backend}",
-            fix="add --backend vllm, or leave these options out",
-        )
-
-
-def open_generator(
-    backend: str,
-    model: str,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    engine_options: Mapping[str, Any] | None = None,
-) -> Generator:
-    """The model loaded for generation by ``backend`` (``engine_options``: vLLM's only). Close it when done:
-    a vLLM engine must be shut down before another one is built."""
-    check_backend(backend, device, engine_options)
-    if backend == "vllm":
-        from xici.recorder.vllm_backend import VLLMGenerator
-
-        return VLLMGenerator(model, device=device, dtype=dtype, engine_options=engine_options)
-    return HFGenerator(model, device=device, dtype=dtype)
 
 
 def load_units(
@@ -402,6 +270,7 @@ def record(
     on_batch: Callable[[BatchDone], None] | None = None,
     grader_options: Mapping[str, Any] | None = None,
     engine_options: Mapping[str, Any] | None = None,
+    ray: RayOptions | None = None,
 ) -> RecordResult:
     """Record a dataset with a model into the lake, or resume the run of the same spec.
 
@@ -409,6 +278,7 @@ def record(
     model); they are kept in the run's params, and a run continues only with the same grader version.
     ``engine_options`` are the vLLM engine's (:data:`~xici.recorder.vllm_backend.ENGINE_OPTIONS`); they and
     the engine's resolved settings are kept in the params (``engine``) of the run this call creates.
+    ``ray`` asks the batches on Ray workers (:mod:`xici.recorder.ray_pool`); the run is the same either way.
 
     Everything that can be refused (unsupported model, unknown dataset or language, bad parameters) is
     refused before anything is written; the model weights are loaded only when there is work left.
@@ -455,19 +325,10 @@ def record(
     existing = lake.read(lambda con: _existing_run(con, run_key, grader))
     if existing is not None and existing[1] == "finished":
         return RecordResult(existing[0], False, len(units), len(units), already_finished=True)
-    generator = open_generator(
-        spec.backend, spec.model, device=device, dtype=spec.dtype, engine_options=engine_options
-    )
-    with contextlib.closing(generator):
-        params["engine"] = generator.metadata
-        asker = Asker(
-            generator,
-            spec.prompt_format,
-            spec.grader,
-            max_new_tokens=spec.max_new_tokens,
-            store_logits=spec.store_logits,
-            grader_options=grader_options,
-        )
+    asking = spec.asker(device, grader_options=grader_options, engine_options=engine_options)
+    pool = open_pool(asking, ray, lake)
+    with contextlib.closing(pool):
+        params["engine"] = pool.metadata
         run_id, created = lake.write(
             lambda con: lake.get_or_create_run(
                 con,
@@ -497,13 +358,12 @@ def record(
         with lake.writing(run_id):
             batches = pending_batches(lake, run_id, units, batch_size)
             result = RecordResult(run_id, created, len(units), batches.done_before)
-            for batch, pending in batches.pending:
-                commit_answers(lake, run_id, asker.ask(pending), asker.grader)
-                result.recorded += len(pending)
+            for job in pool.run(lake, run_id, [Job(batch, pending) for batch, pending in batches.pending]):
+                result.recorded += len(job.units)
                 if on_batch is not None:
                     units_done = result.done_before + result.recorded
                     n_batches, n_units = batches.n_batches, len(units)
-                    on_batch(BatchDone(run_id, batch, n_batches, units_done, n_units, len(pending)))
+                    on_batch(BatchDone(run_id, job.batch, n_batches, units_done, n_units, len(job.units)))
             lake.write(
                 lambda con: con.execute(
                     "update runs set status = 'finished', finished_at = current_timestamp where run_id = ?",
@@ -535,29 +395,3 @@ def _existing_run(con: duckdb.DuckDBPyConnection, run_key: str, grader: Grader) 
             f"xici grade --run {row[0]} --grader {grader.name}",
         )
     return row[0], row[1]
-
-
-def commit_answers(lake: Lake, run_id: int, answers: Sequence[Answer], grader: Any) -> None:
-    """One batch into the lake: token arrays, sequence rows, grades and thinking parts, all or nothing."""
-    rows = [a.sequence_row() for a in answers]
-    arrays = [a.generation.routing for a in answers]
-    grades = [a.grade for a in answers]
-
-    def also(con: duckdb.DuckDBPyConnection, seq_ids: list[int]) -> None:
-        store_grades(con, seq_ids, grader, grades)
-        store_thinking(con, seq_ids, [a.thinking for a in answers])
-
-    def attempt(retry: int) -> None:
-        if retry:  # the tokens appended by the attempt that met the lock are cut off first
-            lake.resume(run_id)
-        lake.commit_sequences(run_id, rows, arrays, also=also)
-
-    try:
-        lake.retrying(attempt)
-    except duckdb.IOException as exc:
-        raise XiciError(
-            f"writing the warehouse failed: {exc}",
-            where=str(lake.warehouse_path),
-            fix="free space or fix permissions, then run the same command again: committed batches are kept "
-            "and the run continues where it stopped",
-        ) from None

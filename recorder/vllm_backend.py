@@ -335,7 +335,7 @@ def generate_with_routing(
 
 class VLLMGenerator:
     """A vLLM engine behind the transformers backend's interface
-    (:class:`~xici.recorder.hf_backend.Generator`), so that :class:`~xici.recorder.run.Asker`, recording and
+    (:class:`~xici.recorder.hf_backend.Generator`), so that :class:`~xici.recorder.asking.Asker`, recording and
     ablation run on either and write the same lake.
 
     Prompts are encoded by the same tokenizer and greedy decoding stops on the same tokens as with

@@ -12,7 +12,8 @@ from test_recorder_support import new_lake
 
 from xici.cli.main import cli
 from xici.errors import XiciError
-from xici.recorder.run import RecordSpec, check_backend, record
+from xici.recorder.asking import check_backend
+from xici.recorder.run import RecordSpec, record
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 

@@ -76,8 +76,9 @@ def test_import_fills_the_three_tables(tmp_path: Path) -> None:
     assert {k: json.loads(v) for k, v in metas.items()} == {"capital": {"t": "geo", "level": 1}, "river": {}}
     prompts = {
         (q, lang): (text, answers)
-        for q, lang, text, answers in con.execute("select question_id, lang, question, answers from prompts")
-        .fetchall()
+        for q, lang, text, answers in con.execute(
+            "select question_id, lang, question, answers from prompts"
+        ).fetchall()
     }
     con.close()
     assert sorted(prompts) == [

@@ -30,7 +30,7 @@ from xici.corpora.graders import Grade, register_grader
 from xici.errors import XiciError
 from xici.recorder.grading import regrade
 from xici.recorder.prompting import DEFAULT_SYSTEM
-from xici.recorder.run import Asker, RecordSpec, record
+from xici.recorder.run import RecordSpec, load_units, record
 from xici.warehouse import Lake
 
 torch.set_num_threads(1)
@@ -285,7 +285,9 @@ def test_grader_is_fixed_for_a_run_and_regrading_upserts(qwen: Path, tmp_path: P
 def test_asker_reasks_a_run_exactly_and_masks_experts_per_row(qwen: Path, tmp_path: Path) -> None:
     lake = new_lake(tmp_path / "lake")
     run_id = record(lake, spec_for(qwen, limit=2), device="cpu", batch_size=6).run_id
-    asker, units = Asker.for_run(lake, run_id, device="cpu")
+    spec = lake.read(lambda con: RecordSpec.from_run(con, run_id))
+    units = lake.read(lambda con: load_units(con, spec.dataset, spec.languages, spec.limit))
+    asker = spec.asker("cpu").open()
     assert [(u.question_id, u.lang) for u in units] == rows(
         lake, "select question_id, lang from sequences order by unit"
     )

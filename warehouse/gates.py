@@ -6,16 +6,23 @@ Layout (Zarr v3), for run ``R`` with T tokens, L MoE layers, top-k routing over 
     runs/R/topk_ids       uint8   [T, L, k]   (uint16 when E > 256)
     runs/R/topk_weights   float16 [T, L, k]   (float32 with gate_dtype="float32")
     runs/R/router_logits  float16 [T, L, E]   (only with store_logits)
+    runs/R/shards/S/...   the same four arrays, once per shard S of a scaled-out run
 
-Arrays are chunked along the token axis and compressed; every sequence is one contiguous token range.
-Writes only ever append; the warehouse records how far each run is committed, and :meth:`GateStore.truncate`
-drops anything past that after a crash. Zarr's local store writes each chunk to a temporary file and renames
-it, so a chunk that also holds committed tokens is never left half-written.
+A run recorded by one process appends to its own arrays; the workers of a scaled-out run (:mod:`xici.recorder.
+ray_pool`) each append to a shard of their own, so no two processes ever write one array. Arrays are chunked
+along the token axis and compressed; every sequence is one contiguous token range of one shard (or of the
+run's arrays). Writes only ever append; the warehouse records how far each shard is committed, and
+:meth:`GateStore.truncate` drops anything past that after a crash. Zarr's local store writes each chunk to a
+temporary file and renames it, so a chunk that also holds committed tokens is never left half-written.
+
+The store is a local folder or any fsspec URL (``s3://bucket/lake/gates.zarr``), so that workers on other
+machines can write it.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +61,18 @@ class TokenArrays:
         )
 
 
+def sequence_positions(lengths: np.ndarray) -> np.ndarray:
+    """Each token's position in its sequence, for sequences of these lengths laid one after the other."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
+
+
 def expert_id_dtype(n_experts: int) -> np.dtype:
     """The smallest unsigned integer that holds every expert id."""
     return np.dtype(np.uint8 if n_experts <= 256 else np.uint16)
 
 
-def _storage_error(exc: OSError, path: Path) -> XiciError:
+def _storage_error(exc: OSError, where: str) -> XiciError:
     if exc.errno == errno.ENOSPC:
         what = "the disk holding the lake is full"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -68,33 +81,51 @@ def _storage_error(exc: OSError, path: Path) -> XiciError:
         what = f"writing the lake failed ({exc.strerror or exc})"
     return XiciError(
         what,
-        where=str(path),
+        where=where,
         fix="free space or fix permissions, then run the same command again: committed work is kept and "
         "the run continues where it stopped",
     )
 
 
-class GateStore:
-    """Token routing arrays of every run in one Zarr v3 store."""
+def is_url(location: str | Path) -> bool:
+    """Whether a gate store location is an fsspec URL (``s3://...``, ``file://...``) rather than a folder."""
+    return "://" in str(location)
 
-    def __init__(self, path: Path, *, read_only: bool = False) -> None:
-        self.path = Path(path)
+
+Shard = int | None  # a shard of a scaled-out run; None: the run's own arrays
+
+
+class GateStore:
+    """Token routing arrays of every run in one Zarr v3 store (a local folder or an fsspec URL)."""
+
+    def __init__(self, location: Path | str, *, read_only: bool = False) -> None:
+        self.location = str(location) if is_url(location) else Path(location)
         self.read_only = read_only
-        if read_only and not self.path.exists():
+        if read_only and isinstance(self.location, Path) and not self.location.exists():
             self._root = None
             return
         try:
-            self._root = zarr.open_group(str(self.path), mode="r" if read_only else "a", zarr_format=3)
+            self._root = zarr.open_group(str(self.location), mode="r" if read_only else "a", zarr_format=3)
+        except FileNotFoundError:
+            if not read_only:
+                raise
+            self._root = None
         except OSError as exc:
-            raise _storage_error(exc, self.path) from None
+            raise _storage_error(exc, str(self.location)) from None
 
-    def _group(self, run_id: int) -> zarr.Group:
-        if self._root is None or f"runs/{run_id}" not in self._root:
-            raise XiciError(f"run {run_id} has no token arrays", where=str(self.path))
-        return self._root[f"runs/{run_id}"]
+    @staticmethod
+    def _key(run_id: int, shard: Shard = None) -> str:
+        return f"runs/{run_id}" if shard is None else f"runs/{run_id}/shards/{shard}"
 
-    def has_run(self, run_id: int) -> bool:
-        return self._root is not None and f"runs/{run_id}" in self._root
+    def _group(self, run_id: int, shard: Shard = None) -> zarr.Group:
+        key = self._key(run_id, shard)
+        if self._root is None or key not in self._root:
+            what = f"run {run_id}" if shard is None else f"shard {shard} of run {run_id}"
+            raise XiciError(f"{what} has no token arrays", where=f"{self.location}/{key}")
+        return self._root[key]
+
+    def has_run(self, run_id: int, shard: Shard = None) -> bool:
+        return self._root is not None and self._key(run_id, shard) in self._root
 
     def create_run(
         self,
@@ -113,14 +144,20 @@ class GateStore:
         if self.has_run(run_id):
             return
         specs = {
-            "token_ids": ((), np.int32),
+            "token_ids": ((), np.dtype(np.int32)),
             "topk_ids": ((n_layers, top_k), expert_id_dtype(n_experts)),
             "topk_weights": ((n_layers, top_k), np.dtype(gate_dtype)),
         }
         if store_logits:
             specs["router_logits"] = ((n_layers, n_experts), np.dtype(gate_dtype))
+        attrs = {"n_layers": n_layers, "top_k": top_k, "n_experts": n_experts}
+        self._create_arrays(self._key(run_id), specs, attrs, chunk_tokens)
+
+    def _create_arrays(
+        self, key: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dict, chunk_tokens: int
+    ) -> None:
         try:
-            group = self._root.require_group(f"runs/{run_id}")
+            group = self._root.require_group(key)
             for name, (tail, dtype) in specs.items():
                 group.create_array(
                     name,
@@ -130,34 +167,61 @@ class GateStore:
                     compressors=_COMPRESSOR,
                     fill_value=0,
                 )
-            group.attrs.update({"n_layers": n_layers, "top_k": top_k, "n_experts": n_experts})
+            group.attrs.update(attrs)
         except OSError as exc:
-            raise _storage_error(exc, self.path) from None
+            raise _storage_error(exc, str(self.location)) from None
 
-    def fields(self, run_id: int) -> list[str]:
-        group = self._group(run_id)
+    def shards(self, run_id: int) -> list[int]:
+        """The shards of a run, in order (none for a run written by one process)."""
+        key = f"{self._key(run_id)}/shards"
+        if self._root is None or key not in self._root:
+            return []
+        return sorted(int(name) for name in self._root[key].group_keys())
+
+    def add_shard(self, run_id: int) -> int:
+        """Create a new empty shard of a run (same arrays as the run's own) and return its number.
+
+        Only the process that writes the warehouse adds shards, so numbers are never handed out twice.
+        """
+        run = self._group(run_id)
+        shard = max(self.shards(run_id), default=-1) + 1
+        specs = {name: (run[name].shape[1:], run[name].dtype) for name in self.fields(run_id)}
+        chunk_tokens = run["token_ids"].chunks[0]
+        self._create_arrays(self._key(run_id, shard), specs, dict(run.attrs), chunk_tokens)
+        return shard
+
+    def drop_shard(self, run_id: int, shard: int) -> None:
+        """Delete a shard that holds no committed token (a dead or interrupted worker's)."""
+        try:
+            del self._root[self._key(run_id, shard)]
+        except OSError as exc:
+            raise _storage_error(exc, str(self.location)) from None
+
+    def fields(self, run_id: int, shard: Shard = None) -> list[str]:
+        group = self._group(run_id, shard)
         return [name for name in FIELDS if name in group]
 
-    def length(self, run_id: int) -> int:
-        return int(self._group(run_id)["token_ids"].shape[0])
+    def length(self, run_id: int, shard: Shard = None) -> int:
+        return int(self._group(run_id, shard)["token_ids"].shape[0])
 
-    def truncate(self, run_id: int, length: int) -> None:
+    def truncate(self, run_id: int, length: int, shard: Shard = None) -> None:
         """Drop tokens past ``length`` (left by a crash before their sequences were committed)."""
-        group = self._group(run_id)
+        group = self._group(run_id, shard)
         try:
-            for name in self.fields(run_id):
+            for name in self.fields(run_id, shard):
                 array = group[name]
                 if array.shape[0] != length:
                     array.resize((length, *array.shape[1:]))
         except OSError as exc:
-            raise _storage_error(exc, self.path) from None
-        for partial in (self.path / "runs" / str(run_id)).rglob("*.partial"):
-            partial.unlink(missing_ok=True)
+            raise _storage_error(exc, str(self.location)) from None
+        if isinstance(self.location, Path):
+            for partial in (self.location / self._key(run_id, shard)).rglob("*.partial"):
+                partial.unlink(missing_ok=True)
 
-    def append(self, run_id: int, arrays: TokenArrays) -> int:
-        """Append tokens to a run's arrays; returns the offset of the first one."""
-        group = self._group(run_id)
-        start = self.length(run_id)
+    def append(self, run_id: int, arrays: TokenArrays, shard: Shard = None) -> int:
+        """Append tokens to a run's (or shard's) arrays; returns the offset of the first one."""
+        group = self._group(run_id, shard)
+        start = self.length(run_id, shard)
         stop = start + len(arrays)
         values = {
             "token_ids": arrays.token_ids,
@@ -166,19 +230,21 @@ class GateStore:
             "router_logits": arrays.router_logits,
         }
         try:
-            for name in self.fields(run_id):
+            for name in self.fields(run_id, shard):
                 if values[name] is None:
                     raise ValueError(f"run {run_id} stores {name}, but none was given")
                 array = group[name]
                 array.resize((stop, *array.shape[1:]))
                 array[start:stop] = values[name].astype(array.dtype, copy=False)
         except OSError as exc:
-            raise _storage_error(exc, self.path) from None
+            raise _storage_error(exc, str(self.location)) from None
         return start
 
-    def read(self, run_id: int, start: int, stop: int, *, logits: bool = False) -> TokenArrays:
-        """Tokens ``[start, stop)`` of a run."""
-        group = self._group(run_id)
+    def read(
+        self, run_id: int, start: int, stop: int, *, logits: bool = False, shard: Shard = None
+    ) -> TokenArrays:
+        """Tokens ``[start, stop)`` of a run (or of one of its shards)."""
+        group = self._group(run_id, shard)
         return TokenArrays(
             group["token_ids"][start:stop],
             group["topk_ids"][start:stop],
@@ -186,7 +252,44 @@ class GateStore:
             group["router_logits"][start:stop] if logits and "router_logits" in group else None,
         )
 
+    def read_sequences(
+        self,
+        run_id: int,
+        shard: Shard,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        tokens_per_read: int,
+        logits: bool = False,
+    ) -> Iterator[tuple[slice, TokenArrays]]:
+        """The tokens of whole sequences, about ``tokens_per_read`` at a time, in the order given.
+
+        Yields (which of the given sequences, their tokens one after the other); each read covers the token
+        range from the first sequence's start to the last one's end, so give them in ``starts`` order.
+        """
+        i = 0
+        while i < len(starts):
+            j, total = i, 0
+            while j < len(starts) and (j == i or total + lengths[j] <= tokens_per_read):
+                total += int(lengths[j])
+                j += 1
+            lo, hi = int(starts[i]), int(starts[j - 1] + lengths[j - 1])
+            block = self.read(run_id, lo, hi, logits=logits, shard=shard)
+            keep = np.repeat(starts[i:j] - lo, lengths[i:j]) + sequence_positions(lengths[i:j])
+            yield (
+                slice(i, j),
+                TokenArrays(
+                    block.token_ids[keep],
+                    block.topk_ids[keep],
+                    block.topk_weights[keep],
+                    None if block.router_logits is None else block.router_logits[keep],
+                ),
+            )
+            i = j
+
     def nbytes_stored(self, run_id: int) -> int:
-        """Bytes the run's arrays take on disk (compressed), for storage benchmarks."""
-        root = self.path / "runs" / str(run_id)
+        """Bytes the run's arrays (all shards) take on disk (compressed), for storage benchmarks."""
+        if not isinstance(self.location, Path):
+            raise ValueError("stored size is only measured for a local gate store")
+        root = self.location / self._key(run_id)
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

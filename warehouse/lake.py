@@ -4,6 +4,14 @@ This module owns the commit protocol that keeps the two in step. Token arrays ar
 the sequence rows that point at them are then inserted in one DuckDB transaction. A crash in between leaves
 tokens that no row points at, and :meth:`Lake.resume` cuts them off before the next append. So a sequence row
 exists if and only if all of its tokens are in Zarr, and a re-run never duplicates anything.
+
+A scaled-out run (:mod:`xici.recorder.ray_pool`) splits the protocol: each worker appends to its own shard of
+the run's arrays and hands the token offsets back, and this process, the only one that writes the
+warehouse, commits the rows (:meth:`Lake.commit_rows`). A shard is committed in the order it was appended,
+so the same rule holds per shard: committed tokens are a prefix of it, and :meth:`Lake.resume` cuts the rest.
+
+The token arrays live in ``gates.zarr`` inside the lake folder unless the lake was pointed elsewhere (any
+fsspec URL, :meth:`Lake.use_gates`), which ``lake.json`` remembers for every later command.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import pyarrow as pa
 
 from xici.errors import XiciError
 from xici.warehouse.db import connect
-from xici.warehouse.gates import GateStore, TokenArrays
+from xici.warehouse.gates import GateStore, Shard, TokenArrays, sequence_positions
 
 T = TypeVar("T")
 
@@ -30,6 +38,7 @@ WAREHOUSE_FILE = "warehouse.duckdb"
 # How long a writer waits for another process's lock on the warehouse file before giving up.
 LOCK_WAIT_S = 300.0
 ZARR_DIR = "gates.zarr"
+SETTINGS_FILE = "lake.json"
 
 SEQUENCE_COLUMNS = (
     "unit",
@@ -78,6 +87,30 @@ class Lake:
     @property
     def zarr_path(self) -> Path:
         return self.root / ZARR_DIR
+
+    @property
+    def gates_location(self) -> Path | str:
+        """Where this lake's token arrays are: ``gates.zarr`` in the folder, or the URL set by use_gates."""
+        settings = self.root / SETTINGS_FILE
+        if settings.exists():
+            return json.loads(settings.read_text())["gates"]
+        return self.zarr_path
+
+    def use_gates(self, location: str) -> None:
+        """Keep this lake's token arrays at ``location`` (an fsspec URL, e.g. ``s3://bucket/lake.zarr``, or a
+        folder), so that workers on other machines can write them; set once, before the first run."""
+        if str(self.gates_location) == location:
+            return
+        if (self.root / SETTINGS_FILE).exists() or self.zarr_path.exists():
+            raise XiciError(
+                f"this lake keeps its token arrays at {self.gates_location}, not {location}",
+                where="--gates-url",
+                fix="leave --gates-url out to use them, or start a new lake with --lake",
+            )
+        self._ensure_root()
+        temporary = self.root / f"{SETTINGS_FILE}.tmp"
+        temporary.write_text(json.dumps({"gates": location}) + "\n")
+        temporary.replace(self.root / SETTINGS_FILE)
 
     def _ensure_root(self) -> None:
         try:
@@ -175,7 +208,7 @@ class Lake:
     def gates(self, *, read_only: bool = False) -> GateStore:
         if not read_only:
             self._ensure_root()
-        return GateStore(self.zarr_path, read_only=read_only)
+        return GateStore(self.gates_location, read_only=read_only)
 
     # -- runs -------------------------------------------------------------------------------------------
 
@@ -195,23 +228,34 @@ class Lake:
         con.execute(f"insert into runs ({names}) values ({marks})", list(values.values()))
         return run_id, True
 
-    def committed_tokens(self, con: duckdb.DuckDBPyConnection, run_id: int) -> int:
+    def committed_tokens(self, con: duckdb.DuckDBPyConnection, run_id: int, shard: Shard = None) -> int:
+        """Tokens of a run's arrays (or of one shard) that committed sequences cover."""
         return con.execute(
-            "select coalesce(max(token_start + n_tokens), 0) from sequences where run_id = ?", [run_id]
+            "select coalesce(max(token_start + n_tokens), 0) from sequences"
+            " where run_id = ? and shard is not distinct from ?",
+            [run_id, shard],
         ).fetchone()[0]
 
     def resume(self, run_id: int) -> set[int]:
-        """Make the Zarr arrays of a run match its committed sequences; returns the units already done."""
+        """Make the Zarr arrays of a run match its committed sequences; returns the units already done.
+
+        Every shard is cut to its committed tokens, and a shard with none (a worker that died or was stopped
+        before its first commit) is deleted. Call it only while no worker writes the run.
+        """
         con = self.connect()
         try:
-            committed = self.committed_tokens(con, run_id)
             units = con.execute("select unit from sequences where run_id = ?", [run_id]).fetchall()
             done = {unit for (unit,) in units}
+            gates = self.gates()
+            if gates.has_run(run_id):
+                for shard in [None, *gates.shards(run_id)]:
+                    committed = self.committed_tokens(con, run_id, shard)
+                    if shard is not None and committed == 0:
+                        gates.drop_shard(run_id, shard)
+                    else:
+                        gates.truncate(run_id, committed, shard)
         finally:
             con.close()
-        gates = self.gates()
-        if gates.has_run(run_id):
-            gates.truncate(run_id, committed)
         return done
 
     def commit_sequences(
@@ -232,25 +276,47 @@ class Lake:
         if not rows:
             return []
         start = self.gates().append(run_id, TokenArrays.concat(list(arrays)))
+        return self.commit_rows(run_id, rows, start, [len(a) for a in arrays], also=also)
+
+    def commit_rows(
+        self,
+        run_id: int,
+        rows: Sequence[dict[str, Any]],
+        start: int,
+        lengths: Sequence[int],
+        *,
+        shard: Shard = None,
+        also: Callable[[duckdb.DuckDBPyConnection, list[int]], None] | None = None,
+    ) -> list[int]:
+        """Commit the rows of sequences whose tokens are already appended, one after the other from
+        ``start``, to the run's arrays or to ``shard``; returns their seq_ids (see commit_sequences).
+
+        The tokens must follow the committed ones directly: a shard is committed in the order it was
+        written, so nothing uncommitted is ever left between committed sequences.
+        """
+        if len(rows) != len(lengths):
+            raise ValueError("one length per sequence row")
         with self.transaction() as con:
-            committed = self.committed_tokens(con, run_id)
+            committed = self.committed_tokens(con, run_id, shard)
             if committed != start:
+                where = f"run {run_id}" if shard is None else f"run {run_id} shard {shard}"
                 raise RuntimeError(
-                    f"run {run_id}: Zarr holds tokens from {start} but the warehouse committed {committed}; "
+                    f"{where}: Zarr holds tokens from {start} but the warehouse committed {committed}; "
                     "was Lake.resume called before writing?"
                 )
             first_id = con.execute("select coalesce(max(seq_id), 0) + 1 from sequences").fetchone()[0]
             seq_ids = list(range(first_id, first_id + len(rows)))
-            offsets = np.cumsum([0] + [len(a) for a in arrays])
+            offsets = np.cumsum([0, *lengths])
             records = [
-                [seq_id, run_id, int(start + offsets[i]), len(arrays[i]), *(row[c] for c in SEQUENCE_COLUMNS)]
+                [seq_id, run_id, shard, int(start + offsets[i]), int(lengths[i])]
+                + [row[c] for c in SEQUENCE_COLUMNS]
                 for i, (seq_id, row) in enumerate(zip(seq_ids, rows, strict=True))
             ]
             con.executemany(
-                "insert into sequences (seq_id, run_id, token_start, n_tokens, "
+                "insert into sequences (seq_id, run_id, shard, token_start, n_tokens, "
                 + ", ".join(SEQUENCE_COLUMNS)
                 + ") values ("
-                + ", ".join("?" for _ in range(4 + len(SEQUENCE_COLUMNS)))
+                + ", ".join("?" for _ in range(5 + len(SEQUENCE_COLUMNS)))
                 + ")",
                 records,
             )
@@ -276,24 +342,29 @@ class Lake:
         schema = TOKEN_RELATIONS[name]
         where = "" if run_ids is None else f"where run_id in ({', '.join(str(int(r)) for r in run_ids)})"
         seqs = con.execute(
-            "select run_id, seq_id, token_start, n_tokens from sequences "
-            f"{where} order by run_id, token_start"
+            "select run_id, coalesce(shard, -1) as shard, seq_id, token_start, n_tokens from sequences "
+            f"{where} order by run_id, shard nulls first, token_start"
         ).fetchnumpy()
         gates = self.gates(read_only=True)
 
         def batches() -> Iterator[pa.RecordBatch]:
-            for run_id in np.unique(seqs["run_id"]):
-                pick = seqs["run_id"] == run_id
-                if name == "token_logits" and "router_logits" not in gates.fields(int(run_id)):
+            parts = sorted(set(zip(seqs["run_id"].tolist(), seqs["shard"].tolist(), strict=True)))
+            for run_id, shard in parts:
+                if name == "token_logits" and "router_logits" not in gates.fields(run_id):
                     continue
+                pick = (seqs["run_id"] == run_id) & (seqs["shard"] == shard)
                 yield from _token_batches(
-                    gates,
-                    int(run_id),
+                    gates.read_sequences(
+                        run_id,
+                        None if shard < 0 else shard,
+                        seqs["token_start"][pick],
+                        seqs["n_tokens"][pick],
+                        tokens_per_read=tokens_per_batch,
+                        logits=name == "token_logits",
+                    ),
                     name,
                     seqs["seq_id"][pick],
-                    seqs["token_start"][pick],
                     seqs["n_tokens"][pick],
-                    tokens_per_batch,
                 )
 
         return pa.RecordBatchReader.from_batches(schema, batches())
@@ -311,45 +382,29 @@ class Lake:
 
 
 def _token_batches(
-    gates: GateStore,
-    run_id: int,
-    name: str,
-    seq_ids: np.ndarray,
-    starts: np.ndarray,
-    lengths: np.ndarray,
-    tokens_per_batch: int,
+    blocks: Iterator[tuple[slice, TokenArrays]], name: str, seq_ids: np.ndarray, lengths: np.ndarray
 ) -> Iterator[pa.RecordBatch]:
-    """Arrow batches of whole sequences, about ``tokens_per_batch`` tokens each."""
+    """One Arrow batch of a token relation per block of whole sequences."""
     schema = TOKEN_RELATIONS[name]
-    i = 0
-    while i < len(seq_ids):
-        j, total = i, 0
-        while j < len(seq_ids) and (j == i or total + lengths[j] <= tokens_per_batch):
-            total += int(lengths[j])
-            j += 1
-        lo, hi = int(starts[i]), int(starts[j - 1] + lengths[j - 1])
-        block = gates.read(run_id, lo, hi, logits=name == "token_logits")
-        # Map every token of the block to (seq_id, pos); tokens between sequences (none today) are skipped.
-        tok_pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths[i:j]])
-        keep = np.repeat(starts[i:j] - lo, lengths[i:j]) + tok_pos
-        tok_seq = np.repeat(seq_ids[i:j], lengths[i:j])
+    for which, block in blocks:
+        tok_pos = sequence_positions(lengths[which])
+        tok_seq = np.repeat(seq_ids[which], lengths[which])
         if name == "tokens":
-            columns = [tok_seq, tok_pos, block.token_ids[keep]]
+            columns = [tok_seq, tok_pos, block.token_ids]
         else:
-            values = (block.router_logits if name == "token_logits" else block.topk_weights)[keep]
+            values = block.router_logits if name == "token_logits" else block.topk_weights
             per_token = values.shape[1] * values.shape[2]
             experts = (
                 np.broadcast_to(np.arange(values.shape[2], dtype=np.int16), values.shape)
                 if name == "token_logits"
-                else block.topk_ids[keep]
+                else block.topk_ids
             )
             layers = np.broadcast_to(np.arange(values.shape[1], dtype=np.int16)[:, None], values.shape[1:])
             columns = [
                 np.repeat(tok_seq, per_token),
                 np.repeat(tok_pos, per_token),
-                np.tile(layers.reshape(-1), len(keep)),
+                np.tile(layers.reshape(-1), len(tok_seq)),
                 experts.reshape(-1).astype(np.int16),
                 values.reshape(-1).astype(np.float32),
             ]
         yield pa.RecordBatch.from_arrays([pa.array(c) for c in columns], schema=schema)
-        i = j

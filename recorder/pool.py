@@ -1,0 +1,161 @@
+"""Who asks a run's batches: this process (:class:`LocalPool`) or Ray workers (:mod:`xici.recorder.ray_pool`).
+
+A pool takes the batches of a run that are left (:class:`Job`: the fixed batch number, its units, their
+expert masks) and yields each one once it is committed, in batch order. Committing is split in two so that
+it can happen in two processes: whoever asks a batch appends its token arrays to the gate store
+(:func:`write_answers`, to its own shard on a Ray worker) and hands back a :class:`Written`; the one process
+that writes the warehouse commits it (:func:`commit_written`: sequence rows, grades and thinking parts in one
+transaction). Both pools commit the same batches in the same order, so the warehouse rows, seq_ids and
+grades of a run do not depend on how many workers asked it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import duckdb
+import torch
+
+from xici.corpora.graders import Grade, Grader, get_grader
+from xici.errors import XiciError
+from xici.recorder.asking import Answer, Asker, AskerSpec, Unit
+from xici.recorder.grading import store_grades, store_thinking
+from xici.warehouse import GateStore, Lake, TokenArrays
+from xici.warehouse.gates import Shard
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fixed batch of a run to ask: its number, its units not yet committed, and their expert masks
+    (bool ``[len(units), n_moe_layers, n_experts]``, True = off; None: nothing off)."""
+
+    batch: int
+    units: list[Unit]
+    masks: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Written:
+    """A batch asked, its tokens appended to the gate store from ``start`` (one sequence after the other):
+    everything the warehouse commit needs, and small enough to send between processes."""
+
+    rows: list[dict[str, Any]]
+    shard: Shard
+    start: int
+    lengths: list[int]
+    grades: list[Grade]
+    thinking: list[str | None]
+
+
+def write_answers(gates: GateStore, run_id: int, answers: Sequence[Answer], shard: Shard = None) -> Written:
+    """Append the answers' token arrays to the run's arrays (or to ``shard``); nothing is committed yet."""
+    arrays = [a.generation.routing for a in answers]
+    start = gates.append(run_id, TokenArrays.concat(arrays), shard)
+    return Written(
+        [a.sequence_row() for a in answers],
+        shard,
+        start,
+        [len(a) for a in arrays],
+        [a.grade for a in answers],
+        [a.thinking for a in answers],
+    )
+
+
+def commit_written(lake: Lake, run_id: int, written: Written, grader: Grader) -> None:
+    """Commit a written batch: its sequence rows, grades and thinking parts, all or nothing."""
+
+    def also(con: duckdb.DuckDBPyConnection, seq_ids: list[int]) -> None:
+        store_grades(con, seq_ids, grader, written.grades)
+        store_thinking(con, seq_ids, written.thinking)
+
+    try:
+        lake.retrying(
+            lambda _: lake.commit_rows(
+                run_id, written.rows, written.start, written.lengths, shard=written.shard, also=also
+            )
+        )
+    except duckdb.IOException as exc:
+        raise XiciError(
+            f"writing the warehouse failed: {exc}",
+            where=str(lake.warehouse_path),
+            fix="free space or fix permissions, then run the same command again: committed batches are kept "
+            "and the run continues where it stopped",
+        ) from None
+
+
+class Pool(Protocol):
+    """Asks a run's batches and commits them (see the module notes)."""
+
+    #: The grader the answers are graded with (its name and version go with the grades).
+    grader: Grader
+    #: The engine's settings (``backend`` among them), stored with the runs the pool creates.
+    metadata: dict[str, Any]
+
+    def run(self, lake: Lake, run_id: int, jobs: Sequence[Job]) -> Iterator[Job]:
+        """Ask the jobs and yield each one once committed, in the order given. Call it while holding
+        :meth:`Lake.writing`; a caller that stops iterating leaves the rest uncommitted."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    """Asks every batch in this process, one after the other."""
+
+    def __init__(self, asker: Asker) -> None:
+        self.asker = asker
+        self.grader = asker.grader
+        self.metadata = asker.generator.metadata
+
+    def run(self, lake: Lake, run_id: int, jobs: Sequence[Job]) -> Iterator[Job]:
+        for job in jobs:
+            answers = self.asker.ask(job.units, masks=job.masks)
+            commit_written(lake, run_id, write_answers(lake.gates(), run_id, answers), self.grader)
+            yield job
+
+    def close(self) -> None:
+        self.asker.close()
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How to scale a run out on Ray (``xici record --ray``): operational, not part of any run's key.
+
+    ``address`` None starts a local Ray instance (or uses the one this process already joined);
+    ``gpus_per_worker`` None is the vLLM tensor-parallel size (1 for transformers) on a GPU, 0 on the CPU.
+    """
+
+    workers: int = 1
+    address: str | None = None
+    cpus_per_worker: int = 1
+    gpus_per_worker: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise XiciError("--workers must be at least 1", where=f"--workers {self.workers}")
+        if self.cpus_per_worker < 1:
+            raise XiciError(
+                "--cpus-per-worker must be at least 1", where=f"--cpus-per-worker {self.cpus_per_worker}"
+            )
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise XiciError(
+                "--gpus-per-worker cannot be negative", where=f"--gpus-per-worker {self.gpus_per_worker}"
+            )
+
+
+def open_pool(spec: AskerSpec, ray: RayOptions | None, lake: Lake) -> Pool:
+    """The asker of ``spec`` in this process, or ``ray.workers`` of them on Ray writing ``lake``'s gate
+    store. Close it when done."""
+    if ray is None:
+        return LocalPool(spec.open())
+    try:
+        from xici.recorder.ray_pool import RayPool
+    except ImportError:
+        raise XiciError(
+            "Ray is not installed",
+            where="--ray",
+            fix="pip install 'xici[ray]' (on every machine of the cluster), or leave --ray out",
+        ) from None
+    return RayPool(spec, ray, lake.gates_location, get_grader(spec.grader, **spec.grader_options))
