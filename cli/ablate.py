@@ -12,7 +12,7 @@ from rich.table import Table
 
 from xici.ablation.conditions import BASELINES, LABELS, parse_baselines
 from xici.ablation.metrics import MetricsRow, metrics_rows, overall
-from xici.cli.common import engine_options, pass_lake
+from xici.cli.common import engine_options, pass_lake, ray_options
 from xici.cli.grade import JudgeOptions, judge_options
 from xici.errors import XiciError
 from xici.progress import BatchProgress, progress_bar
@@ -21,6 +21,7 @@ from xici.warehouse import Lake
 
 if TYPE_CHECKING:
     from xici.ablation.runner import AblationResult
+    from xici.recorder.pool import RayOptions
 
 
 def _baselines(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -113,6 +114,7 @@ def print_metrics(rows: Sequence[MetricsRow]) -> None:
     help="Engine that generates: transformers or vllm [default: the recorded run's].",
 )
 @engine_options
+@ray_options
 @judge_options
 @click.pass_context
 def ablate(
@@ -124,6 +126,7 @@ def ablate(
     device: str,
     backend: str | None,
     engine_options: dict[str, Any],
+    ray: RayOptions | None,
     judge: JudgeOptions,
 ) -> None:
     """Deactivate each question's experts together and ask it again in every language of its run.
@@ -140,7 +143,8 @@ def ablate(
     run it is; --backend (by default the recorded run's) does. vLLM runs with prefix caching off, so a masked
     question never reuses keys and values computed with other experts. Answers are
     graded by the analysis' grader; for the judge, give the --judge-* options its grades were made with
-    (by default the recorded model judges, as in xici grade).
+    (by default the recorded model judges, as in xici grade). With --ray, Ray workers ask the batches of
+    every condition (as in xici record --ray); the runs are the same as without.
 
     Prints the paper's Table 2: ablation success rate (ASR: correct answers now wrong), spurious gain rate
     (SGR: wrong answers now right), their difference, and questions now wrong in every language.
@@ -161,6 +165,7 @@ def ablate(
         grader_options=grader_options,
         backend=backend,
         engine_options=engine_options,
+        ray=ray,
     )
 
 
@@ -175,6 +180,7 @@ def ablate_with_progress(
     grader_options: dict[str, Any] | None = None,
     backend: str | None = None,
     engine_options: dict[str, Any] | None = None,
+    ray: RayOptions | None = None,
 ) -> AblationResult:
     """Run (or resume) every condition with progress bars, print Table 2, and fail loudly on a violation.
 
@@ -194,6 +200,7 @@ def ablate_with_progress(
             grader_options=grader_options,
             backend=backend,
             engine_options=engine_options,
+            ray=ray,
             on_batch=lambda condition, done: progress(f"ablating: {LABELS[condition]}", done),
         )
     for run in result.runs:

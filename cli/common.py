@@ -45,3 +45,46 @@ def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for name, (kind, text) in reversed(_ENGINE_OPTIONS.items()):
         wrapper = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=text)(wrapper)
     return wrapper
+
+
+# Options of the scale-out on Ray (xici.recorder.pool.RayOptions); all but --ray need --ray.
+_RAY_OPTIONS: dict[str, tuple[click.ParamType, str]] = {
+    "ray_address": (
+        click.STRING,
+        "Ray: the cluster to join (auto, or HOST:6379) [default: start a local Ray instance].",
+    ),
+    "workers": (click.IntRange(min=1), "Ray: workers asking batches, each with its own engine [default: 1]."),
+    "cpus_per_worker": (click.IntRange(min=1), "Ray: CPUs (and torch threads) per worker [default: 1]."),
+    "gpus_per_worker": (
+        click.FloatRange(min=0),
+        "Ray: GPUs per worker [default: the tensor-parallel size on CUDA, 0 on the CPU].",
+    ),
+}
+
+
+def ray_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --ray and its options to a click command, which receives ``ray``: a RayOptions, or None without
+    --ray (the batches are then asked in this process)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        use_ray = kwargs.pop("ray")
+        given = {name: kwargs.pop(name) for name in _RAY_OPTIONS}
+        given = {name: value for name, value in given.items() if value is not None}
+        if given and not use_ray:
+            names = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise click.UsageError(f"{names} can only be used with --ray (add --ray, or leave them out)")
+        if not use_ray:
+            return command(*args, ray=None, **kwargs)
+        from xici.recorder.pool import RayOptions
+
+        address = given.pop("ray_address", None)
+        return command(*args, ray=RayOptions(address=address, **given), **kwargs)
+
+    for name, (kind, text) in reversed(_RAY_OPTIONS.items()):
+        wrapper = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=text)(wrapper)
+    return click.option(
+        "--ray",
+        is_flag=True,
+        help="Ask the batches on Ray workers (pip install 'xici[ray]'); the lake is the same as without.",
+    )(wrapper)

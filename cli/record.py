@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from xici.cli.common import engine_options, pass_lake
+from xici.cli.common import engine_options, pass_lake, ray_options
 from xici.cli.grade import JudgeOptions, judge_options
 from xici.progress import BatchProgress, console, progress_bar
 from xici.recorder import BACKENDS, DTYPES
@@ -15,6 +15,7 @@ from xici.warehouse import Lake
 from xici.warehouse.gates import GATE_DTYPES
 
 if TYPE_CHECKING:
+    from xici.recorder.pool import RayOptions
     from xici.recorder.run import RecordResult, RecordSpec
 
 
@@ -47,6 +48,12 @@ def _languages(ctx: click.Context, param: click.Parameter, value: str | None) ->
     help="Engine that generates: transformers, or vLLM (pip install 'xici[vllm]'). Same lake either way.",
 )
 @engine_options
+@ray_options
+@click.option(
+    "--gates-url",
+    help="Keep this lake's token arrays at this fsspec URL (s3://bucket/lake/gates.zarr), reachable by every "
+    "Ray worker; set once per lake [default: gates.zarr in the lake folder].",
+)
 @click.option(
     "--dtype",
     type=click.Choice(DTYPES),
@@ -80,6 +87,8 @@ def record(
     device: str,
     backend: str,
     engine_options: dict[str, Any],
+    ray: RayOptions | None,
+    gates_url: str | None,
     dtype: str,
     gate_dtype: str,
     store_logits: bool,
@@ -97,6 +106,10 @@ def record(
 
     With --backend vllm the routing is captured inside the vLLM engine (prefix caching off, so every token
     is computed and recorded); the lake is the same as with transformers (xici runs compare tells how close).
+
+    With --ray the batches are asked by --workers engines on Ray (a local instance, or the cluster at
+    --ray-address), each writing the token arrays of its batches to its own shard of the gate store, while
+    this process alone writes the warehouse; the run is the same as without Ray (see docs/scale-out.md).
 
     Progress is a bar on a terminal and one line per committed batch otherwise.
     """
@@ -117,6 +130,8 @@ def record(
         backend=backend,
     )
     grader_options = judge.for_grader(grader, model=lambda: model, device=device, dtype=dtype)
+    if gates_url is not None:
+        lake.use_gates(gates_url)
     record_with_progress(
         lake,
         spec,
@@ -124,6 +139,7 @@ def record(
         batch_size=batch_size,
         grader_options=grader_options,
         engine_options=engine_options,
+        ray=ray,
     )
 
 
@@ -135,6 +151,7 @@ def record_with_progress(
     batch_size: int,
     grader_options: dict[str, Any] | None = None,
     engine_options: dict[str, Any] | None = None,
+    ray: RayOptions | None = None,
 ) -> RecordResult:
     """Record (or resume) a run with a progress bar, then print what happened and the accuracy per language.
 
@@ -154,6 +171,7 @@ def record_with_progress(
             on_batch=lambda done: progress("recording", done),
             grader_options=grader_options,
             engine_options=engine_options,
+            ray=ray,
         )
     if result.already_finished:
         click.echo(f"Run {result.run_id} is already finished ({result.n_units} units); nothing to do.")
