@@ -63,6 +63,9 @@ class Worker:
         self.asker.close()
 
 
+_RemoteWorker = ray.remote(Worker)
+
+
 class RayPool:
     """``options.workers`` workers on Ray asking a run's batches; this process commits them."""
 
@@ -101,7 +104,7 @@ class RayPool:
         """A new worker for a slot, named so that it can be found (``ray list actors``)."""
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
         env["OMP_NUM_THREADS"] = str(self.options.cpus_per_worker)
-        remote = ray.remote(Worker).options(
+        remote = _RemoteWorker.options(
             name=f"{self._name}-{slot}-{self._replaced[slot]}",
             num_cpus=self.options.cpus_per_worker,
             num_gpus=self._gpus,
@@ -157,7 +160,7 @@ class RayPool:
                     commit_written(lake, run_id, finished.pop(order[committed]), self.grader)
                     yield jobs[committed]
                     committed += 1
-            lake.resume(run_id)  # cut what dead workers left past their last finished batch
+            lake.retrying(lambda _: lake.resume(run_id))  # cut what dead workers left past their last batch
         finally:
             if running:  # no worker may still write this run when the caller goes on
                 ray.wait(list(running), num_returns=len(running))

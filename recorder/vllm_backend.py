@@ -335,8 +335,8 @@ def generate_with_routing(
 
 class VLLMGenerator:
     """A vLLM engine behind the transformers backend's interface
-    (:class:`~xici.recorder.hf_backend.Generator`), so that :class:`~xici.recorder.asking.Asker`, recording and
-    ablation run on either and write the same lake.
+    (:class:`~xici.recorder.hf_backend.Generator`), so that :class:`~xici.recorder.asking.Asker`, recording
+    and ablation run on either and write the same lake.
 
     Prompts are encoded by the same tokenizer and greedy decoding stops on the same tokens as with
     :class:`~xici.recorder.hf_backend.HFGenerator`; the engine always runs with prefix caching off (see the
