@@ -47,7 +47,9 @@ def add_sequence(con, run_id: int, question: str, lang: str, grades: dict[str, b
     seq_id = con.execute("select coalesce(max(seq_id), 0) + 1 from sequences").fetchone()[0]
     unit = con.execute("select count(*) from sequences where run_id = ?", [run_id]).fetchone()[0]
     con.execute(
-        "insert into sequences values (?, ?, ?, ?, ?, ?, 1, 1, 1, 'p', 'r', 'stop')",
+        "insert into sequences (seq_id, run_id, unit, question_id, lang, token_start, n_tokens,"
+        " n_prompt_tokens, n_generated, prompt_text, response_text, finish_reason)"
+        " values (?, ?, ?, ?, ?, ?, 1, 1, 1, 'p', 'r', 'stop')",
         [seq_id, run_id, unit, question, lang, unit],
     )
     for grader, correct in grades.items():
