@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import duckdb
@@ -158,4 +159,6 @@ def open_pool(spec: AskerSpec, ray: RayOptions | None, lake: Lake) -> Pool:
             where="--ray",
             fix="pip install 'xici[ray]' (on every machine of the cluster), or leave --ray out",
         ) from None
-    return RayPool(spec, ray, lake.gates_location, get_grader(spec.grader, **spec.grader_options))
+    location = lake.gates_location  # a folder: as an absolute path, since workers run elsewhere
+    gates = location.absolute() if isinstance(location, Path) else location
+    return RayPool(spec, ray, gates, get_grader(spec.grader, **spec.grader_options))

@@ -26,8 +26,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec
 
 from xici.errors import XiciError
@@ -92,6 +94,31 @@ def is_url(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+def local_folder(location: str | Path) -> Path | None:
+    """The folder of a gate store on this machine's file system: a path, or a ``file://`` URL (None for
+    any other URL)."""
+    if not is_url(location):
+        return Path(location)
+    if fsspec.utils.get_protocol(str(location)) not in ("file", "local"):
+        return None
+    return Path(LocalFileSystem._strip_protocol(str(location)))
+
+
+def check_location(location: str | Path) -> None:
+    """Refuse a gate store URL whose scheme fsspec does not know, or whose package is not installed."""
+    if not is_url(location):
+        return
+    try:
+        fsspec.get_filesystem_class(fsspec.utils.get_protocol(str(location)))
+    except (ImportError, ValueError) as exc:
+        raise XiciError(
+            f"cannot open the gate store at {location} ({exc})",
+            where="--gates-url",
+            fix="install the fsspec package of its scheme (s3fs for s3://, gcsfs for gs://) on every machine "
+            "that runs xici, or fix the URL",
+        ) from None
+
+
 Shard = int | None  # a shard of a scaled-out run; None: the run's own arrays
 
 
@@ -99,16 +126,20 @@ class GateStore:
     """Token routing arrays of every run in one Zarr v3 store (a local folder or an fsspec URL)."""
 
     def __init__(self, location: Path | str, *, read_only: bool = False) -> None:
-        self.location = str(location) if is_url(location) else Path(location)
+        check_location(location)
+        # A file:// URL is opened as the folder it names: Zarr's local store writes each chunk to a temporary
+        # file and renames it (see the module notes), fsspec's local file system overwrites it in place.
+        folder = local_folder(location)
+        self.location = str(location) if folder is None else folder
         self.read_only = read_only
         if read_only and isinstance(self.location, Path) and not self.location.exists():
             self._root = None
             return
         try:
             self._root = zarr.open_group(str(self.location), mode="r" if read_only else "a", zarr_format=3)
-        except FileNotFoundError:
-            if not read_only:
-                raise
+        except FileNotFoundError as exc:
+            if not read_only:  # e.g. an object store bucket that does not exist
+                raise _storage_error(exc, str(self.location)) from None
             self._root = None
         except OSError as exc:
             raise _storage_error(exc, str(self.location)) from None

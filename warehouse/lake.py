@@ -30,7 +30,15 @@ import pyarrow as pa
 
 from xici.errors import XiciError
 from xici.warehouse.db import connect
-from xici.warehouse.gates import GateStore, Shard, TokenArrays, sequence_positions
+from xici.warehouse.gates import (
+    GateStore,
+    Shard,
+    TokenArrays,
+    check_location,
+    is_url,
+    local_folder,
+    sequence_positions,
+)
 
 T = TypeVar("T")
 
@@ -99,7 +107,8 @@ class Lake:
     def use_gates(self, location: str) -> None:
         """Keep this lake's token arrays at ``location`` (an fsspec URL, e.g. ``s3://bucket/lake.zarr``, or a
         folder), so that workers on other machines can write them; set once, before the first run."""
-        if str(self.gates_location) == location:
+        location = _absolute(location)
+        if _absolute(self.gates_location) == location:
             return
         if (self.root / SETTINGS_FILE).exists() or self.zarr_path.exists():
             raise XiciError(
@@ -107,6 +116,7 @@ class Lake:
                 where="--gates-url",
                 fix="leave --gates-url out to use them, or start a new lake with --lake",
             )
+        check_location(location)
         self._ensure_root()
         temporary = self.root / f"{SETTINGS_FILE}.tmp"
         temporary.write_text(json.dumps({"gates": location}) + "\n")
@@ -379,6 +389,14 @@ class Lake:
         """Make the token relations queryable on ``con`` (each registered reader can be scanned once)."""
         for name in names or TOKEN_RELATIONS:
             con.register(name, self.token_relation(con, name, run_ids=run_ids))
+
+
+def _absolute(location: str | Path) -> str:
+    """A gate store location that names the same place from any current folder (later commands, workers)."""
+    folder = local_folder(location)
+    if folder is None:
+        return str(location)
+    return f"file://{folder.absolute()}" if is_url(location) else str(folder.absolute())
 
 
 def _token_batches(
