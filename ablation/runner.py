@@ -424,15 +424,17 @@ def _run(
             Job(batch, pending, torch.from_numpy(np.stack([masks[u.question_id] for u in pending])))
             for batch, pending in batches.pending[:max_batches]
         ]
-        for job in pool.run(lake, run_id, jobs):
-            result.asked += len(job.units)
-            result.batches += 1
-            if on_batch is not None:
-                units_done = result.done_before + result.asked
-                on_batch(
-                    plan.condition,
-                    BatchDone(run_id, job.batch, batches.n_batches, units_done, len(units), len(job.units)),
-                )
+        with contextlib.closing(pool.run(lake, run_id, jobs)) as committed:
+            for job in committed:
+                result.asked += len(job.units)
+                result.batches += 1
+                if on_batch is not None:
+                    units_done = result.done_before + result.asked
+                    n_batches, n_units = batches.n_batches, len(units)
+                    on_batch(
+                        plan.condition,
+                        BatchDone(run_id, job.batch, n_batches, units_done, n_units, len(job.units)),
+                    )
         if len(jobs) < len(batches.pending):
             return result
         check = lake.retrying(lambda _: check_deactivation(lake, run_id))

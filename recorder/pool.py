@@ -11,7 +11,7 @@ grades of a run do not depend on how many workers asked it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,7 +94,7 @@ class Pool(Protocol):
     #: The engine's settings (``backend`` among them), stored with the runs the pool creates.
     metadata: dict[str, Any]
 
-    def run(self, lake: Lake, run_id: int, jobs: Sequence[Job]) -> Iterator[Job]:
+    def run(self, lake: Lake, run_id: int, jobs: Sequence[Job]) -> Generator[Job, None, None]:
         """Ask the jobs and yield each one once committed, in the order given. Call it while holding
         :meth:`Lake.writing`; a caller that stops iterating leaves the rest uncommitted."""
         ...
@@ -110,7 +110,7 @@ class LocalPool:
         self.grader = asker.grader
         self.metadata = asker.generator.metadata
 
-    def run(self, lake: Lake, run_id: int, jobs: Sequence[Job]) -> Iterator[Job]:
+    def run(self, lake: Lake, run_id: int, jobs: Sequence[Job]) -> Generator[Job, None, None]:
         for job in jobs:
             answers = self.asker.ask(job.units, masks=job.masks)
             commit_written(lake, run_id, write_answers(lake.gates(), run_id, answers), self.grader)

@@ -22,7 +22,7 @@ import contextlib
 import os
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,7 @@ class RayPool:
         self._replaced[slot] += 1
         self._workers[slot] = self._start(slot)
 
-    def run(self, lake: Lake, run_id: int, jobs: Sequence[Job]) -> Iterator[Job]:
+    def run(self, lake: Lake, run_id: int, jobs: Sequence[Job]) -> Generator[Job, None, None]:
         gates = lake.gates()
         order = [job.batch for job in jobs]
         queue = deque(jobs)

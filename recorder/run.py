@@ -358,12 +358,14 @@ def record(
         with lake.writing(run_id):
             batches = pending_batches(lake, run_id, units, batch_size)
             result = RecordResult(run_id, created, len(units), batches.done_before)
-            for job in pool.run(lake, run_id, [Job(batch, pending) for batch, pending in batches.pending]):
-                result.recorded += len(job.units)
-                if on_batch is not None:
-                    units_done = result.done_before + result.recorded
-                    n_batches, n_units = batches.n_batches, len(units)
-                    on_batch(BatchDone(run_id, job.batch, n_batches, units_done, n_units, len(job.units)))
+            jobs = [Job(batch, pending) for batch, pending in batches.pending]
+            with contextlib.closing(pool.run(lake, run_id, jobs)) as committed:
+                for job in committed:
+                    result.recorded += len(job.units)
+                    if on_batch is not None:
+                        units_done = result.done_before + result.recorded
+                        n_batches, n_units = batches.n_batches, len(units)
+                        on_batch(BatchDone(run_id, job.batch, n_batches, units_done, n_units, len(job.units)))
             lake.write(
                 lambda con: con.execute(
                     "update runs set status = 'finished', finished_at = current_timestamp where run_id = ?",
