@@ -59,9 +59,8 @@ from xici.analysis.means import ensure_means
 from xici.corpora.graders import get_grader
 from xici.errors import XiciError
 from xici.moe import load_config, resolve
-from xici.recorder.asking import AskerSpec, Unit, check_backend
-from xici.recorder.hf_backend import resolve_device
-from xici.recorder.pool import Job, Pool, RayOptions, open_pool
+from xici.recorder.asking import AskerSpec, Unit
+from xici.recorder.pool import Job, Pool, RayOptions, open_pool, placement
 from xici.recorder.run import (
     BatchDone,
     RecordSpec,
@@ -162,10 +161,9 @@ def run_ablation(
     if seed < 0:
         raise XiciError("--seed must be a non-negative integer", where=f"--seed {seed}")
     baselines = check_baselines(baselines)
-    device = resolve_device(device)
     source = _source(lake, analysis_id, grader_options)
     backend = backend or source.spec.backend
-    check_backend(backend, device, engine_options)
+    device = placement(device, ray, backend, engine_options)
     plans = _plans(lake, source, backend, baselines, seed)
 
     result = AblationResult(analysis_id)

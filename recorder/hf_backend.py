@@ -29,17 +29,21 @@ if TYPE_CHECKING:
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` is the first GPU when there is one, else the CPU; anything else must name a usable device."""
+def resolve_device(device: str, *, cuda: bool | None = None) -> str:
+    """``auto`` is the first GPU when there is one, else the CPU; anything else must name a usable device.
+
+    ``cuda`` says whether the machines that will run the model have a CUDA GPU (None: this machine).
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if cuda else "cpu"
     try:
         parsed = torch.device(device)
     except RuntimeError:
         raise XiciError(
             f"{device!r} is not a device name", where="--device", fix="use auto, cpu, cuda or cuda:N"
         ) from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
+    if parsed.type == "cuda" and not cuda:
         raise XiciError("no CUDA GPU is available here", where=f"--device {device}", fix="use --device cpu")
     return device
 

@@ -11,9 +11,10 @@ grades of a run do not depend on how many workers asked it.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 import duckdb
@@ -21,8 +22,9 @@ import torch
 
 from xici.corpora.graders import Grade, Grader, get_grader
 from xici.errors import XiciError
-from xici.recorder.asking import Answer, Asker, AskerSpec, Unit
+from xici.recorder.asking import Answer, Asker, AskerSpec, Unit, check_backend
 from xici.recorder.grading import store_grades, store_thinking
+from xici.recorder.hf_backend import resolve_device
 from xici.warehouse import GateStore, Lake, TokenArrays
 from xici.warehouse.gates import Shard
 
@@ -146,19 +148,38 @@ class RayOptions:
             )
 
 
+def placement(
+    device: str, ray: RayOptions | None, backend: str, engine_options: Mapping[str, Any] | None
+) -> str:
+    """``--device`` resolved where the model will run, here or on the Ray cluster's workers (``auto`` is then
+    ``cuda`` when the cluster has GPUs, even where this process has none), after refusing a backend or
+    engine options that cannot run there."""
+    if ray is None:
+        device = resolve_device(device)
+        check_backend(backend, device, engine_options)
+        return device
+    check_backend(backend, "auto", engine_options)  # each worker checks its own device as it loads the model
+    return _ray_pool().cluster_device(device, ray)
+
+
 def open_pool(spec: AskerSpec, ray: RayOptions | None, lake: Lake) -> Pool:
     """The asker of ``spec`` in this process, or ``ray.workers`` of them on Ray writing ``lake``'s gate
     store. Close it when done."""
     if ray is None:
         return LocalPool(spec.open())
+    location = lake.gates_location  # a folder: as an absolute path, since workers run elsewhere
+    gates = location.absolute() if isinstance(location, Path) else location
+    return _ray_pool().RayPool(spec, ray, gates, get_grader(spec.grader, **spec.grader_options))
+
+
+def _ray_pool() -> ModuleType:
+    """:mod:`xici.recorder.ray_pool`, which needs Ray (an optional extra)."""
     try:
-        from xici.recorder.ray_pool import RayPool
+        from xici.recorder import ray_pool
     except ImportError:
         raise XiciError(
             "Ray is not installed",
             where="--ray",
             fix="pip install 'xici[ray]' (on every machine of the cluster), or leave --ray out",
         ) from None
-    location = lake.gates_location  # a folder: as an absolute path, since workers run elsewhere
-    gates = location.absolute() if isinstance(location, Path) else location
-    return RayPool(spec, ray, gates, get_grader(spec.grader, **spec.grader_options))
+    return ray_pool

@@ -33,6 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from xici.corpora.graders import Grader
 from xici.errors import XiciError
 from xici.recorder.asking import AskerSpec
+from xici.recorder.hf_backend import resolve_device
 from xici.recorder.pool import Job, RayOptions, Written, commit_written, write_answers
 from xici.warehouse import GateStore, Lake
 
@@ -74,7 +75,7 @@ class RayPool:
         self.grader = grader
         self._spec = spec
         self._gates = str(gates)
-        self._started_ray = _connect(options)
+        connect(options)
         self._name = f"xici-{uuid.uuid4().hex[:8]}"
         self._gpus = _gpus_per_worker(spec, options)
         self._replaced = [0] * options.workers
@@ -172,14 +173,19 @@ class RayPool:
                 ray.get(worker.close.remote())
             ray.kill(worker)
         self._workers = []
-        if self._started_ray:
-            ray.shutdown()
+        if _started_here:
+            disconnect()
 
 
-def _connect(options: RayOptions) -> bool:
-    """Join the Ray cluster at ``options.address``, or start a local instance; True when one was started."""
+#: Whether this process started the Ray instance it is connected to (and so stops it when done).
+_started_here = False
+
+
+def connect(options: RayOptions) -> None:
+    """Join the Ray cluster at ``options.address``, or start a local instance; nothing when connected."""
+    global _started_here
     if ray.is_initialized():
-        return False
+        return
     settings: dict[str, Any] = {"namespace": "xici", "log_to_driver": False, "include_dashboard": False}
     if options.address is None:
         settings["object_store_memory"] = LOCAL_OBJECT_STORE_BYTES
@@ -192,7 +198,21 @@ def _connect(options: RayOptions) -> bool:
             fix="start the cluster first (ray start --head on one machine, ray start --address on the "
             "others), or leave --ray-address out for a local instance",
         ) from None
-    return options.address is None
+    _started_here = options.address is None
+
+
+def disconnect() -> None:
+    """Stop the local Ray instance this process started."""
+    global _started_here
+    ray.shutdown()
+    _started_here = False
+
+
+def cluster_device(device: str, options: RayOptions) -> str:
+    """``--device`` for the workers: ``auto`` is ``cuda`` when the cluster has GPUs (the machine that runs
+    xici need not have one), ``cuda`` needs a GPU somewhere in the cluster."""
+    connect(options)
+    return resolve_device(device, cuda=ray.cluster_resources().get("GPU", 0) > 0)
 
 
 def _gpus_per_worker(spec: AskerSpec, options: RayOptions) -> float:

@@ -29,9 +29,9 @@ import torch
 
 from xici.corpora.graders import Grader, get_grader
 from xici.errors import XiciError
-from xici.recorder.asking import AskerSpec, Unit, check_backend
-from xici.recorder.hf_backend import load_tokenizer, resolve_device, resolve_dtype
-from xici.recorder.pool import Job, RayOptions, open_pool
+from xici.recorder.asking import AskerSpec, Unit
+from xici.recorder.hf_backend import load_tokenizer, resolve_dtype
+from xici.recorder.pool import Job, RayOptions, open_pool, placement
 from xici.recorder.prompting import DEFAULT_SYSTEM, Prompt, PromptFormat
 from xici.warehouse import Lake
 from xici.warehouse.gates import GATE_DTYPES
@@ -291,8 +291,7 @@ def record(
     grader = get_grader(spec.grader, **grader_options)
     config = load_config(spec.model)
     layout = resolve(config).layout(config)
-    device = resolve_device(device)
-    check_backend(spec.backend, device, engine_options)
+    device = placement(device, ray, spec.backend, engine_options)
     units = lake.read(lambda con: load_units(con, spec.dataset, spec.languages, spec.limit))
     tokenizer = load_tokenizer(spec.model)
     spec.prompt_format.check(tokenizer)

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -500,3 +501,27 @@ def test_ray_options_are_refused_clearly(ray_cluster: None, dataset_lake: Lake, 
     assert rows(lake, "select count(*) from runs") == [(0,)]
     assert not lake.gates(read_only=True).has_run(1)
     assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2
+
+    # --device cuda on a cluster without GPUs: refused like on a machine without one.
+    refused = xici(lake, *[a if a != "cpu" else "cuda" for a in RECORD_ARGS], "--ray")
+    assert refused.exit_code == 1, refused.output
+    assert "no CUDA GPU is available" in refused.output and "Traceback" not in refused.output
+    assert rows(lake, "select count(*) from runs") == [(0,)]
+
+
+def test_the_device_is_the_clusters_not_this_machines() -> None:
+    """--device auto means the workers' GPUs: a cluster declaring a GPU (Ray's logical resources) resolves it
+    to cuda although this machine has none (where, without Ray, it is the CPU)."""
+    script = (
+        "import ray, torch\n"
+        "from xici.recorder.pool import RayOptions, placement\n"
+        "ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, object_store_memory=100 * 2**20)\n"
+        "assert not torch.cuda.is_available()\n"
+        "print(placement('auto', RayOptions(), 'transformers', None))\n"
+        "print(placement('auto', None, 'transformers', None))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=_subprocess_env(), timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["cuda", "cpu"]
