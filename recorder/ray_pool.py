@@ -187,10 +187,12 @@ def connect(options: RayOptions) -> None:
     if ray.is_initialized():
         return
     settings: dict[str, Any] = {"namespace": "xici", "log_to_driver": False, "include_dashboard": False}
-    if options.address is None:
-        settings["object_store_memory"] = LOCAL_OBJECT_STORE_BYTES
+    if options.address is None:  # a new local instance, even where RAY_ADDRESS names a running cluster
+        settings.update(address="local", object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+    else:
+        settings["address"] = options.address
     try:
-        ray.init(address=options.address, **settings)
+        ray.init(**settings)
     except (ConnectionError, RuntimeError) as exc:
         raise XiciError(
             f"cannot join the Ray cluster at {options.address}: {exc}",
@@ -211,6 +213,13 @@ def disconnect() -> None:
 def cluster_device(device: str, options: RayOptions) -> str:
     """``--device`` for the workers: ``auto`` is ``cuda`` when the cluster has GPUs (the machine that runs
     xici need not have one), ``cuda`` needs a GPU somewhere in the cluster."""
+    if device.startswith("cuda:"):
+        raise XiciError(
+            f"--device {device} names one GPU, but each Ray worker sees only the GPUs Ray gives it",
+            where=f"--device {device}",
+            fix="use --device auto (or cuda) with --ray, and --gpus-per-worker for how many GPUs each "
+            "worker gets",
+        )
     connect(options)
     return resolve_device(device, cuda=ray.cluster_resources().get("GPU", 0) > 0)
 

@@ -454,10 +454,9 @@ def test_a_vllm_worker_records_the_one_process_vllm_lake(
 
 
 def _subprocess_env() -> dict[str, str]:
-    """The environment of a ``xici`` subprocess that must start its own local Ray instance."""
-    env = {**xici_env(), "HF_HUB_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return env
+    """The environment of a ``xici`` subprocess that must start its own local Ray instance: without
+    --ray-address it does, even where RAY_ADDRESS names a cluster (here one that is not there)."""
+    return {**xici_env(), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "127.0.0.1:1"}
 
 
 def _run(lake: Lake, *args: str) -> subprocess.CompletedProcess[str]:
@@ -502,6 +501,11 @@ def test_ray_options_are_refused_clearly(ray_cluster: None, dataset_lake: Lake, 
     assert not lake.gates(read_only=True).has_run(1)
     assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2
 
+    # A single GPU by number: a worker sees only its own GPUs.
+    refused = xici(lake, *[a if a != "cpu" else "cuda:1" for a in RECORD_ARGS], "--ray")
+    assert refused.exit_code == 1, refused.output
+    assert "names one GPU" in refused.output and "Traceback" not in refused.output
+
     # --device cuda on a cluster without GPUs: refused like on a machine without one.
     refused = xici(lake, *[a if a != "cpu" else "cuda" for a in RECORD_ARGS], "--ray")
     assert refused.exit_code == 1, refused.output
@@ -515,7 +519,8 @@ def test_the_device_is_the_clusters_not_this_machines() -> None:
     script = (
         "import ray, torch\n"
         "from xici.recorder.pool import RayOptions, placement\n"
-        "ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, object_store_memory=100 * 2**20)\n"
+        "ray.init(address='local', num_cpus=1, num_gpus=1, include_dashboard=False,"
+        " object_store_memory=10**8)\n"
         "assert not torch.cuda.is_available()\n"
         "print(placement('auto', RayOptions(), 'transformers', None))\n"
         "print(placement('auto', None, 'transformers', None))\n"
