@@ -60,7 +60,7 @@ from xici.corpora.graders import get_grader
 from xici.errors import XiciError
 from xici.moe import load_config, resolve
 from xici.recorder.asking import AskerSpec, Unit
-from xici.recorder.pool import Job, Pool, RayOptions, open_pool, placement
+from xici.recorder.pool import Job, Pool, RayOptions, open_pool, placement, release
 from xici.recorder.run import (
     BatchDone,
     RecordSpec,
@@ -190,6 +190,8 @@ def run_ablation(
             result.runs.append(run)
             if not run.finished:
                 break
+    if pool is None:
+        release(ray)
     result.metrics = lake.read(lambda con: metrics_rows(con, [analysis_id]))
     return result
 

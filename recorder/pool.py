@@ -162,6 +162,13 @@ def placement(
     return _ray_pool().cluster_device(device, ray)
 
 
+def release(ray: RayOptions | None) -> None:
+    """Stop the local Ray instance :func:`placement` started, where no pool was opened after all (a run
+    already finished); a pool stops it itself when closed."""
+    if ray is not None:
+        _ray_pool().release()
+
+
 def open_pool(spec: AskerSpec, ray: RayOptions | None, lake: Lake) -> Pool:
     """The asker of ``spec`` in this process, or ``ray.workers`` of them on Ray writing ``lake``'s gate
     store. Close it when done."""

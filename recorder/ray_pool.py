@@ -173,8 +173,7 @@ class RayPool:
                 ray.get(worker.close.remote())
             ray.kill(worker)
         self._workers = []
-        if _started_here:
-            disconnect()
+        release()
 
 
 #: Whether this process started the Ray instance it is connected to (and so stops it when done).
@@ -203,11 +202,12 @@ def connect(options: RayOptions) -> None:
     _started_here = options.address is None
 
 
-def disconnect() -> None:
-    """Stop the local Ray instance this process started."""
+def release() -> None:
+    """Stop the local Ray instance this process started (a cluster it joined is left as it is)."""
     global _started_here
-    ray.shutdown()
-    _started_here = False
+    if _started_here:
+        ray.shutdown()
+        _started_here = False
 
 
 def cluster_device(device: str, options: RayOptions) -> str:

@@ -31,7 +31,7 @@ from xici.corpora.graders import Grader, get_grader
 from xici.errors import XiciError
 from xici.recorder.asking import AskerSpec, Unit
 from xici.recorder.hf_backend import load_tokenizer, resolve_dtype
-from xici.recorder.pool import Job, RayOptions, open_pool, placement
+from xici.recorder.pool import Job, RayOptions, open_pool, placement, release
 from xici.recorder.prompting import DEFAULT_SYSTEM, Prompt, PromptFormat
 from xici.warehouse import Lake
 from xici.warehouse.gates import GATE_DTYPES
@@ -323,6 +323,7 @@ def record(
 
     existing = lake.read(lambda con: _existing_run(con, run_key, grader))
     if existing is not None and existing[1] == "finished":
+        release(ray)
         return RecordResult(existing[0], False, len(units), len(units), already_finished=True)
     asking = spec.asker(device, grader_options=grader_options, engine_options=engine_options)
     pool = open_pool(asking, ray, lake)

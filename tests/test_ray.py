@@ -481,6 +481,27 @@ def test_xici_record_ray_starts_its_own_ray(
     assert_same_state(lake_state(lake), local_state)
     assert shards_used(lake, 1) == {0, 1}
 
+    # The same recording again from Python: nothing to do, and the local Ray instance started to place the
+    # workers is stopped again although no pool was opened.
+    script = (
+        "import ray\n"
+        "from xici.recorder.pool import RayOptions\n"
+        "from xici.recorder.run import RecordSpec, record\n"
+        "from xici.warehouse import Lake\n"
+        f"spec = RecordSpec(**{_spec_fields()!r})\n"
+        f"done = record(Lake({str(lake.root)!r}), spec, device='cpu', ray=RayOptions(workers=2))\n"
+        "print(done.already_finished, ray.is_initialized())\n"
+    )
+    again = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=_subprocess_env(), timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split()[-2:] == ["True", "False"]
+
+
+def _spec_fields() -> dict[str, Any]:
+    return {name: getattr(SPEC, name) for name in ("model", "dataset", "limit", "max_new_tokens", "dtype")}
+
 
 def test_ray_options_are_refused_clearly(ray_cluster: None, dataset_lake: Lake, tmp_path: Path) -> None:
     lake = copy_lake(dataset_lake, tmp_path / "lake")
