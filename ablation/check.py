@@ -59,17 +59,11 @@ def check_deactivation(
     gates = lake.gates(read_only=True)
     layers = np.arange(n_layers)[None, :, None]
     tokens = violations = 0
-    for shard in np.unique(seqs["shard"]):
-        pick = np.flatnonzero(seqs["shard"] == shard)
-        blocks = gates.read_sequences(
-            run_id,
-            None if shard < 0 else int(shard),
-            seqs["token_start"][pick].astype(np.int64),
-            lengths[pick],
-            tokens_per_read=tokens_per_read,
-        )
-        for which, block in blocks:
-            owner = np.repeat(seq_question[pick][which], lengths[pick][which])
-            violations += int(masks[owner[:, None, None], layers, block.topk_ids.astype(np.int64)].sum())
-            tokens += len(block)
+    blocks = gates.read_sequences(
+        run_id, seqs["shard"], seqs["token_start"].astype(np.int64), lengths, tokens_per_read=tokens_per_read
+    )
+    for which, block in blocks:
+        owner = np.repeat(seq_question[which], lengths[which])
+        violations += int(masks[owner[:, None, None], layers, block.topk_ids.astype(np.int64)].sum())
+        tokens += len(block)
     return DeactivationCheck(tokens, violations)

@@ -286,37 +286,42 @@ class GateStore:
     def read_sequences(
         self,
         run_id: int,
-        shard: Shard,
+        shards: np.ndarray,
         starts: np.ndarray,
         lengths: np.ndarray,
         *,
         tokens_per_read: int,
         logits: bool = False,
-    ) -> Iterator[tuple[slice, TokenArrays]]:
-        """The tokens of whole sequences, about ``tokens_per_read`` at a time, in the order given.
+    ) -> Iterator[tuple[np.ndarray, TokenArrays]]:
+        """The tokens of whole sequences of a run, shard by shard, about ``tokens_per_read`` at a time.
 
-        Yields (which of the given sequences, their tokens one after the other); each read covers the token
-        range from the first sequence's start to the last one's end, so give them in ``starts`` order.
+        ``shards`` holds each sequence's shard, -1 for the run's own arrays (``coalesce(shard, -1)`` in SQL).
+        Yields (indices of the given sequences, their tokens one after the other); each read covers the token
+        range from the first sequence's start to the last one's end, so give a shard's sequences in
+        ``starts`` order.
         """
-        i = 0
-        while i < len(starts):
-            j, total = i, 0
-            while j < len(starts) and (j == i or total + lengths[j] <= tokens_per_read):
-                total += int(lengths[j])
-                j += 1
-            lo, hi = int(starts[i]), int(starts[j - 1] + lengths[j - 1])
-            block = self.read(run_id, lo, hi, logits=logits, shard=shard)
-            keep = np.repeat(starts[i:j] - lo, lengths[i:j]) + sequence_positions(lengths[i:j])
-            yield (
-                slice(i, j),
-                TokenArrays(
-                    block.token_ids[keep],
-                    block.topk_ids[keep],
-                    block.topk_weights[keep],
-                    None if block.router_logits is None else block.router_logits[keep],
-                ),
-            )
-            i = j
+        for shard in np.unique(shards):
+            pick = np.flatnonzero(shards == shard)
+            i = 0
+            while i < len(pick):
+                j, total = i, 0
+                while j < len(pick) and (j == i or total + lengths[pick[j]] <= tokens_per_read):
+                    total += int(lengths[pick[j]])
+                    j += 1
+                which = pick[i:j]
+                lo, hi = int(starts[which[0]]), int(starts[which[-1]] + lengths[which[-1]])
+                block = self.read(run_id, lo, hi, logits=logits, shard=None if shard < 0 else int(shard))
+                keep = np.repeat(starts[which] - lo, lengths[which]) + sequence_positions(lengths[which])
+                yield (
+                    which,
+                    TokenArrays(
+                        block.token_ids[keep],
+                        block.topk_ids[keep],
+                        block.topk_weights[keep],
+                        None if block.router_logits is None else block.router_logits[keep],
+                    ),
+                )
+                i = j
 
     def nbytes_stored(self, run_id: int) -> int:
         """Bytes the run's arrays (all shards) take on disk (compressed), for storage benchmarks."""

@@ -358,15 +358,14 @@ class Lake:
         gates = self.gates(read_only=True)
 
         def batches() -> Iterator[pa.RecordBatch]:
-            parts = sorted(set(zip(seqs["run_id"].tolist(), seqs["shard"].tolist(), strict=True)))
-            for run_id, shard in parts:
+            for run_id in np.unique(seqs["run_id"]).tolist():
                 if name == "token_logits" and "router_logits" not in gates.fields(run_id):
                     continue
-                pick = (seqs["run_id"] == run_id) & (seqs["shard"] == shard)
+                pick = seqs["run_id"] == run_id
                 yield from _token_batches(
                     gates.read_sequences(
                         run_id,
-                        None if shard < 0 else shard,
+                        seqs["shard"][pick],
                         seqs["token_start"][pick],
                         seqs["n_tokens"][pick],
                         tokens_per_read=tokens_per_batch,
@@ -400,7 +399,7 @@ def _absolute(location: str | Path) -> str:
 
 
 def _token_batches(
-    blocks: Iterator[tuple[slice, TokenArrays]], name: str, seq_ids: np.ndarray, lengths: np.ndarray
+    blocks: Iterator[tuple[np.ndarray, TokenArrays]], name: str, seq_ids: np.ndarray, lengths: np.ndarray
 ) -> Iterator[pa.RecordBatch]:
     """One Arrow batch of a token relation per block of whole sequences."""
     schema = TOKEN_RELATIONS[name]
