@@ -38,11 +38,22 @@ def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        given = {name: kwargs.pop(name) for name in _ENGINE_OPTIONS}
-        options = {name: value for name, value in given.items() if value is not None}
-        return command(*args, engine_options=options, **kwargs)
+        return command(*args, engine_options=_given(kwargs, _ENGINE_OPTIONS), **kwargs)
 
-    for name, (kind, text) in reversed(_ENGINE_OPTIONS.items()):
+    return _with_options(wrapper, _ENGINE_OPTIONS)
+
+
+def _given(kwargs: dict[str, Any], options: dict[str, tuple[click.ParamType, str]]) -> dict[str, Any]:
+    """Take a group of options out of a command's keyword arguments: the ones given (not None)."""
+    values = {name: kwargs.pop(name) for name in options}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _with_options(
+    wrapper: Callable[..., Any], options: dict[str, tuple[click.ParamType, str]]
+) -> Callable[..., Any]:
+    """Declare a group of options (name -> (type, help)) on a click command, in the group's order."""
+    for name, (kind, text) in reversed(options.items()):
         wrapper = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=text)(wrapper)
     return wrapper
 
@@ -69,8 +80,7 @@ def ray_options(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         use_ray = kwargs.pop("ray")
-        given = {name: kwargs.pop(name) for name in _RAY_OPTIONS}
-        given = {name: value for name, value in given.items() if value is not None}
+        given = _given(kwargs, _RAY_OPTIONS)
         if given and not use_ray:
             names = ", ".join(f"--{name.replace('_', '-')}" for name in given)
             raise click.UsageError(f"{names} can only be used with --ray (add --ray, or leave them out)")
@@ -81,10 +91,8 @@ def ray_options(command: Callable[..., Any]) -> Callable[..., Any]:
         address = given.pop("ray_address", None)
         return command(*args, ray=RayOptions(address=address, **given), **kwargs)
 
-    for name, (kind, text) in reversed(_RAY_OPTIONS.items()):
-        wrapper = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=text)(wrapper)
     return click.option(
         "--ray",
         is_flag=True,
         help="Ask the batches on Ray workers (pip install 'xici[ray]'); the lake is the same as without.",
-    )(wrapper)
+    )(_with_options(wrapper, _RAY_OPTIONS))
