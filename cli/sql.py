@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -14,7 +12,7 @@ from rich.table import Table
 from xici.cli.common import pass_lake
 from xici.errors import XiciError
 from xici.warehouse import Lake
-from xici.warehouse.lake import TOKEN_RELATIONS
+from xici.warehouse.query import query_connection
 
 # File suffix -> options of DuckDB's COPY ... TO.
 _FORMATS = {
@@ -24,28 +22,6 @@ _FORMATS = {
     ".jsonl": "format json",
     ".ndjson": "format json",
 }
-
-
-def mentioned_relations(query: str) -> list[str]:
-    """The token relations a query names (whole words, any case): only those are streamed from Zarr."""
-    return [name for name in TOKEN_RELATIONS if re.search(rf"\b{name}\b", query, flags=re.IGNORECASE)]
-
-
-def _check_runs(lake: Lake, con: duckdb.DuckDBPyConnection, run_ids: Sequence[int], names: list[str]) -> None:
-    """Refuse unknown runs, and token_logits where no selected run stored logits."""
-    known = {r[0] for r in con.execute("select run_id from runs").fetchall()}
-    unknown = sorted(set(run_ids) - known)
-    if unknown:
-        raise XiciError(f"there is no run {', '.join(map(str, unknown))} in this lake", where="--run")
-    if "token_logits" in names:
-        gates = lake.gates(read_only=True)
-        selected = run_ids or sorted(known)
-        if not any(gates.has_run(r) and "router_logits" in gates.fields(r) for r in selected):
-            raise XiciError(
-                "no selected run stored router logits, so token_logits is empty",
-                where="--run" if run_ids else "the query",
-                fix="record with --store-logits, or use token_gates (the weights actually used)",
-            )
 
 
 def _copy_options(out: Path) -> str:
@@ -88,12 +64,8 @@ def sql(lake: Lake, query: str, run_ids: tuple[int, ...], out: Path | None, max_
     """
     text = query.strip().rstrip(";").strip()
     options = None if out is None else _copy_options(out)
-    con = lake.connect(read_only=True)
+    con = query_connection(lake, text, run_ids)
     try:
-        names = mentioned_relations(text)
-        if names:
-            _check_runs(lake, con, run_ids, names)
-            lake.register_token_relations(con, run_ids=run_ids or None, names=names)
         try:
             if out is not None:
                 target = str(out).replace("'", "''")

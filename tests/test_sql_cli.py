@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from test_recorder_support import new_lake
 
 from xici.cli.main import cli
-from xici.cli.sql import mentioned_relations
 from xici.recorder.run import RecordSpec, record
 from xici.warehouse import Lake
+from xici.warehouse.query import mentioned_relations
 
 torch.set_num_threads(1)
 
