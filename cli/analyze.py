@@ -12,9 +12,12 @@ from xici.analysis.identify import AnalysisRecord
 from xici.analysis.identify import analyze as run_analyses
 from xici.analysis.means import run_info
 from xici.analysis.params import (
+    DEFAULT_TAU,
     PRESETS,
     SWEEPABLE,
     AnalysisParams,
+    Preset,
+    default_window,
     expand,
     find_preset,
     parse_layers,
@@ -90,11 +93,20 @@ def analyze(
     chosen = find_preset(preset, info.model, info.n_moe_layers)
     base = resolve(chosen, info.n_moe_layers, layers=parse_layers(layers) if layers else None, **given)
     points = expand(base, parse_sweep(sweep), info.n_moe_layers) if sweep else [base]
-    if chosen is not None:
-        Console().print(
-            f"Preset {chosen.name}: tau {chosen.tau}, layers {chosen.layers[0]}:{chosen.layers[1]}."
-        )
+    Console().print(preset_line(chosen, info.model, info.n_moe_layers), highlight=False)
     analyze_with_summary(lake, run_id, points, [SWEEPABLE[name.partition("=")[0]][0] for name in sweep])
+
+
+def preset_line(chosen: Preset | None, model: str, n_moe_layers: int) -> str:
+    """The defaults behind --tau and --layers, so a model without a preset is never analysed silently."""
+    if chosen is not None:
+        return f"Preset {chosen.name}: tau {chosen.tau}, layers {chosen.layers[0]}:{chosen.layers[1]}."
+    start, stop = default_window(n_moe_layers)
+    return (
+        f"No preset for {model}: defaults tau {DEFAULT_TAU} and layers {start}:{stop} (round(L/8) of the "
+        f"{n_moe_layers} MoE layers dropped at each end) unless --tau or --layers says otherwise; "
+        "see docs/method.md."
+    )
 
 
 def analyze_with_summary(

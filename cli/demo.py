@@ -104,7 +104,7 @@ def demo(
     from xici.analysis.means import run_info
     from xici.analysis.params import resolve
     from xici.cli.ablate import ablate_with_progress
-    from xici.cli.analyze import analyze_with_summary
+    from xici.cli.analyze import analyze_with_summary, preset_line
     from xici.cli.record import record_with_progress
     from xici.recorder.run import RecordSpec
     from xici.report import build_report
@@ -132,6 +132,7 @@ def demo(
 
     console.rule("3/5  analyse: experts per question")
     info = lake.write(lambda con: run_info(con, run_id))
+    console.print(preset_line(None, info.model, info.n_moe_layers), highlight=False)
     (analysis,) = analyze_with_summary(lake, run_id, [resolve(None, info.n_moe_layers)], [])
 
     console.rule("4/5  ablate: XICI experts, random sets, shuffled sets")

@@ -48,6 +48,8 @@ def test_analyze_show_list(lake: Path) -> None:
     result = xici(lake, "analyze", "--run", "1", "--tau", "0.02")
     assert result.exit_code == 0, result.output
     assert "Analysis 1 of run 1 (new)" in result.output
+    # The synthetic model has no preset: the defaults it falls back on are said, not applied silently.
+    assert "No preset for" in result.output and "layers 1:7" in result.output
     summary = table(result.output)
     assert (summary["questions"], summary["languages"]) == ("16", "10")
     assert int(summary["mixed"]) + int(summary["all correct"]) + int(summary["all incorrect"]) == 16
