@@ -2,11 +2,13 @@
 
 Defaults are the paper's where it gives them (method.md, Stage 2): at most 25 experts per question,
 blacklist = top 1% of a sequence's ranking in more than 5% of sequences. alpha 0.05 is xici's choice: the
-paper's value is not legible (method.md, "Choices where the paper is open"). tau and the layer window depend on the model, so they come from a
-preset: ``qwen3-30b-a3b`` (tau 0.005, MoE layers 6:42 of 48) and ``glm-4.5-air`` (tau 0.01, MoE layers 5:40
-of 45, i.e. model layers 6..40 after the dense layer 0). With ``preset="auto"`` the preset whose name occurs
-in the run's model id is used; other models get tau 0.005 and a window that drops round(L/8) layers at each
-end (6 of 48, like Qwen3; 1 of 4 for a tiny testbed model). Explicit values override the preset.
+paper's value is not legible (method.md, "Choices where the paper is open"). tau and the layer window
+depend on the model, so they come from a preset: ``qwen3-30b-a3b`` (tau 0.005, MoE layers 6:42 of 48) and
+``glm-4.5-air`` (tau 0.01, MoE layers 5:40 of 45, i.e. model layers 6..40 after the dense layer 0). With
+``preset="auto"`` the preset whose name occurs in the run's model id is used; other models get tau 0.005
+and a window that drops round(L/8) layers at each end (6 of 48, like Qwen3; 1 of 4 for a tiny testbed
+model), which ``xici analyze`` prints. Explicit values override the preset. tau is on the scale of the
+model's gate weights (method.md, "Weights and the scale of tau").
 
 Layer windows are half-open ranges of MoE-layer indices counted from 0, written ``START:END``.
 """
