@@ -2,7 +2,7 @@
 ``xici grade compare``: how far the graders of a run agree.
 
 The ``--judge-*`` options (:func:`judge_options`) are shared with ``xici record`` and any command that takes
-``--grader``: they build the options of the LLM judge (:mod:`xici.corpora.judge`).
+``--grader``: they build the options of the LLM judge (:mod:`xici.recorder.judge`).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ _JUDGE_OPTIONS = (
         "--judge-template",
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
         help="File with the judge's prompt, fields {question} {answers} {response} {lang} "
-        "[default: xici.corpora.judge.DEFAULT_TEMPLATE].",
+        "[default: xici.recorder.judge.DEFAULT_TEMPLATE].",
     ),
     click.option("--judge-batch-size", type=int, help="Prompts the judge reads together [default: 8]."),
     click.option("--judge-max-new-tokens", type=int, help="Judge answer length limit [default: 16]."),

@@ -18,7 +18,9 @@ from xici.corpora.graders import Grade, GradeItem, get_grader
 from xici.corpora.thinking import split_thinking
 from xici.errors import XiciError
 from xici.recorder import BACKENDS
-from xici.recorder.hf_backend import Generation, Generator, HFGenerator
+from xici.recorder.generator import Generation, Generator
+from xici.recorder.hf_backend import HFGenerator
+from xici.recorder.judge import JudgeGrader
 from xici.recorder.prompting import Prompt, PromptFormat
 
 
@@ -78,10 +80,9 @@ class Asker:
         self.generator = generator
         self.prompt_format = prompt_format
         self.grader = get_grader(grader_name, **(grader_options or {}))
-        # A grader that runs a model (the LLM judge) may borrow this one rather than load it a second time.
-        reuse = getattr(self.grader, "reuse", None)
-        if callable(reuse):
-            reuse(generator)
+        # The LLM judge borrows this model when it is its own, rather than load it a second time.
+        if isinstance(self.grader, JudgeGrader):
+            self.grader.reuse(generator)
         self.max_new_tokens = max_new_tokens
         self.store_logits = store_logits
 

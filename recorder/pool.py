@@ -23,8 +23,8 @@ import torch
 from xici.corpora.graders import Grade, Grader, get_grader
 from xici.errors import XiciError
 from xici.recorder.asking import Answer, Asker, AskerSpec, Unit, check_backend
+from xici.recorder.generator import resolve_device
 from xici.recorder.grading import store_grades, store_thinking
-from xici.recorder.hf_backend import resolve_device
 from xici.warehouse import GateStore, Lake, TokenArrays
 from xici.warehouse.gates import Shard
 

@@ -33,7 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from xici.corpora.graders import Grader
 from xici.errors import XiciError
 from xici.recorder.asking import AskerSpec
-from xici.recorder.hf_backend import resolve_device
+from xici.recorder.generator import resolve_device
 from xici.recorder.pool import Job, RayOptions, Written, commit_written, write_answers
 from xici.warehouse import GateStore, Lake
 

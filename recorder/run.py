@@ -30,7 +30,7 @@ import torch
 from xici.corpora.graders import Grader, get_grader
 from xici.errors import XiciError
 from xici.recorder.asking import AskerSpec, Unit
-from xici.recorder.hf_backend import load_tokenizer, resolve_dtype
+from xici.recorder.generator import load_tokenizer, resolve_dtype
 from xici.recorder.pool import Job, RayOptions, open_pool, placement, release
 from xici.recorder.prompting import DEFAULT_SYSTEM, Prompt, PromptFormat
 from xici.warehouse import Lake
@@ -61,7 +61,7 @@ class RecordSpec:
 
     ``languages`` None means every language of the dataset; ``limit`` keeps the first questions in
     question_id order (all their languages); ``dtype`` "auto" resolves per device (see
-    :func:`~xici.recorder.hf_backend.resolve_dtype`); an empty ``system`` sends no system turn; ``backend``
+    :func:`~xici.recorder.generator.resolve_dtype`); an empty ``system`` sends no system turn; ``backend``
     is one of :data:`~xici.recorder.BACKENDS`.
     """
 

@@ -1,12 +1,12 @@
 """Batched greedy generation with vLLM, capturing every processed token's routing and deactivating experts.
 
-``load_engine`` builds a ``vllm.LLM`` with xici's worker extension (:mod:`xici.recorder.vllm_worker`);
+``load_engine`` builds a ``vllm.LLM`` with xici's worker extension (:mod:`xici.recorder.capture.vllm_worker`);
 ``generate_with_routing`` runs a batch of chat-templated prompts through it with continuous batching,
 chunked prefill and, per request, its own expert mask, and returns for each prompt the generated ids and
 the routing of every token the model processed (prompt + output but the last token, as the transformers
 backend). Top-k ids and weights come from the registry gate applied to the captured router logits, the same
 function the transformers backend uses. :class:`VLLMGenerator` puts both behind the transformers backend's
-interface (:class:`~xici.recorder.hf_backend.Generator`), which is how ``xici record`` and ``xici ablate``
+interface (:class:`~xici.recorder.generator.Generator`), which is how ``xici record`` and ``xici ablate``
 use vLLM.
 
 Engine settings xici imposes, and why (they are in :attr:`VLLMEngine.metadata`):
@@ -34,8 +34,8 @@ from xici.errors import XiciError
 from xici.moe import load_config, resolve
 from xici.moe.base import MoELayout
 from xici.moe.gating import LayerGate
-from xici.recorder.hf_backend import Generation, decode_answer, load_tokenizer, stop_token_ids
-from xici.recorder.vllm_worker import WORKER_EXTENSION
+from xici.recorder.capture.vllm_worker import WORKER_EXTENSION
+from xici.recorder.generator import Generation, decode_answer, load_tokenizer, stop_token_ids
 from xici.warehouse import TokenArrays
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ def load_engine(
     vLLM's defaults. ``engine_args`` are further ``vllm.LLM`` arguments, passed as they are (for example
     ``load_format="dummy"`` for random weights, or a quantization) and may not repeat the ones above.
     """
-    from xici.recorder.hf_backend import resolve_device, resolve_dtype
+    from xici.recorder.generator import resolve_device, resolve_dtype
 
     vllm = _import_vllm()
     config = load_config(model)
@@ -335,7 +335,7 @@ def generate_with_routing(
 
 class VLLMGenerator:
     """A vLLM engine behind the transformers backend's interface
-    (:class:`~xici.recorder.hf_backend.Generator`), so that :class:`~xici.recorder.asking.Asker`, recording
+    (:class:`~xici.recorder.generator.Generator`), so that :class:`~xici.recorder.asking.Asker`, recording
     and ablation run on either and write the same lake.
 
     Prompts are encoded by the same tokenizer and greedy decoding stops on the same tokens as with

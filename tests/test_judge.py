@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from xici.cli.main import cli
 from xici.corpora.graders import GradeItem, get_grader
-from xici.corpora.judge import DEFAULT_TEMPLATE, JudgeGrader, judge_prompt, parse_verdict
 from xici.errors import XiciError
 from xici.recorder.grading import RegradeProgress, regrade
 from xici.recorder.hf_backend import HFGenerator
+from xici.recorder.judge import DEFAULT_TEMPLATE, JudgeGrader, judge_prompt, parse_verdict
 from xici.recorder.run import RecordSpec, record
 from xici.warehouse import Lake
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3
 
 from xici.errors import XiciError
 from xici.moe import SUPPORTED, load_config, resolve
-from xici.moe.hf import RouterTap, StepRouting
+from xici.recorder.capture.hf import RouterTap, StepRouting
 
 QUESTIONS = ("What is the capital of France?", "Какая столица?", "法国的首都是什么？谁写了这本书？")
 NEW_TOKENS = 6

@@ -3,7 +3,7 @@
 One engine per architecture, deliberately cramped (32 batched tokens with 32-token blocks, 2 sequences at a
 time) so that every batch exercises chunked prefill, continuous batching and more requests than running
 slots; the reference is transformers in float32 (``model.generate`` for the tokens, one forward pass with
-:class:`xici.moe.hf.RouterTap` for the routing).
+:class:`xici.recorder.capture.hf.RouterTap` for the routing).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from xici.errors import XiciError
 from xici.moe import resolve
 from xici.moe.gating import SigmoidGroupTopK, SoftmaxTopK, deactivate
-from xici.moe.hf import RouterTap
+from xici.recorder.capture.hf import RouterTap
 from xici.recorder.prompting import PromptFormat
 from xici.recorder.vllm_backend import (
     UNTESTED_ENV,

@@ -18,8 +18,9 @@ grade keeps the judge's raw answer as its detail. An empty response is wrong wit
 Model. Any causal LM the transformers backend loads; generation is greedy, batched (``batch_size``
 prompts, sorted by length to save padding) and without routing capture. By default the commands use the
 recorded model as judge; a recording that grades with the judge borrows the recording's loaded model
-(:meth:`JudgeGrader.reuse`) instead of loading it twice. The grader's version names the model and a hash of
-the template, so grades by another judge are told apart (and re-graded by ``xici grade``).
+(:meth:`JudgeGrader.reuse`, called by :class:`~xici.recorder.asking.Asker`) instead of loading it twice.
+The grader's version names the model and a hash of the template, so grades by another judge are told apart
+(and re-graded by ``xici grade``).
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ class JudgeGrader:
     def reuse(self, generator: object) -> bool:
         """Judge with an already loaded generator if it is a transformers one of this judge's model, device
         and dtype. The judge generates without the router tap, so no ablation mask ever touches it."""
-        from xici.recorder.hf_backend import HFGenerator, resolve_device, resolve_dtype
+        from xici.recorder.generator import resolve_device, resolve_dtype
+        from xici.recorder.hf_backend import HFGenerator
 
         device = resolve_device(self.device)
         same = (

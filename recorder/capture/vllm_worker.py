@@ -44,7 +44,7 @@ from xici.moe.gating import LayerGate, SoftmaxTopK
 from xici.warehouse.gates import expert_id_dtype
 
 #: What to pass as ``worker_extension_cls`` to ``vllm.LLM``.
-WORKER_EXTENSION = "xici.recorder.vllm_worker.RoutingCapture"
+WORKER_EXTENSION = "xici.recorder.capture.vllm_worker.RoutingCapture"
 
 #: Captured float32 logits kept on the device before they are reduced to top-k ids and weights.
 _PENDING_BYTES = 256 << 20
