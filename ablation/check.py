@@ -41,7 +41,7 @@ def check_deactivation(
             "select n_moe_layers, n_experts from runs where run_id = ?", [run_id]
         ).fetchone()
         seqs = con.execute(
-            "select question_id, coalesce(shard, -1) as shard, token_start, n_tokens from sequences"
+            "select seq_id, question_id, coalesce(shard, -1) as shard, token_start, n_tokens from sequences"
             " where run_id = ? order by shard nulls first, token_start",
             [run_id],
         ).fetchnumpy()
@@ -60,7 +60,12 @@ def check_deactivation(
     layers = np.arange(n_layers)[None, :, None]
     tokens = violations = 0
     blocks = gates.read_sequences(
-        run_id, seqs["shard"], seqs["token_start"].astype(np.int64), lengths, tokens_per_read=tokens_per_read
+        run_id,
+        seqs["shard"],
+        seqs["token_start"].astype(np.int64),
+        lengths,
+        tokens_per_read=tokens_per_read,
+        seq_ids=seqs["seq_id"],
     )
     for which, block in blocks:
         owner = np.repeat(seq_question[which], lengths[which])

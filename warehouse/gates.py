@@ -15,12 +15,21 @@ run's arrays). Writes only ever append; the warehouse records how far each shard
 :meth:`GateStore.truncate` drops anything past that after a crash. Zarr's local store writes each chunk to a
 temporary file and renames it, so a chunk that also holds committed tokens is never left half-written.
 
+Every read is verified, so damaged data is an error, never numbers (:class:`DamagedGates`): each chunk of the
+token range read must exist (Zarr would hand a missing chunk back as zeros) and decode. Arrays carry Zarr's
+``crc32c`` codec after the compressor, so a chunk whose bytes changed fails its checksum; chunks are written
+even when they hold only zeros, so a committed chunk always has a file. Arrays written before the checksums
+(no ``crc32c`` codec) are still read, with the existence check and a clear error when a chunk does not
+decode; a chunk of theirs that holds only zeros was never written and reads as missing (no real routing array
+is all zeros: top-k weights are positive).
+
 The store is a local folder or any fsspec URL (``s3://bucket/lake/gates.zarr``), so that workers on other
 machines can write it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,14 +39,18 @@ import fsspec
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 
 from xici.errors import XiciError
 
 FIELDS = ("token_ids", "topk_ids", "topk_weights", "router_logits")
 GATE_DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_TOKENS = 4096
-_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+# The checksum comes last, so it covers the compressed bytes as stored.
+_COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
+# Write a chunk even when it holds only the fill value: a missing chunk is then always damage.
+_WRITE_CONFIG = {"array.write_empty_chunks": True}
 
 
 @dataclass
@@ -122,6 +135,35 @@ def check_location(location: str | Path) -> None:
 Shard = int | None  # a shard of a scaled-out run; None: the run's own arrays
 
 
+class DamagedGates(XiciError):
+    """A committed token range of a run whose chunk is missing, or does not decode / fails its checksum."""
+
+    FIX = (
+        "xici lake check lists every damaged run; restore the gate store from a backup, or record the run "
+        "again in a new lake (--lake)"
+    )
+
+    def __init__(
+        self, run_id: int, shard: Shard, field: str, tokens: tuple[int, int], problem: str, where: str
+    ) -> None:
+        self.run_id, self.shard, self.field, self.tokens, self.problem = run_id, shard, field, tokens, problem
+        super().__init__(self._what(""), where=where, fix=self.FIX)
+
+    def _what(self, sequences: str) -> str:
+        of = f"run {self.run_id}" if self.shard is None else f"shard {self.shard} of run {self.run_id}"
+        first, last = self.tokens[0], self.tokens[1] - 1
+        return (
+            f"the token arrays of {of} are damaged: {self.field}, tokens {first}-{last}{sequences}: "
+            f"{self.problem}; nothing was read from them"
+        )
+
+    def naming(self, sequences: str) -> DamagedGates:
+        """The same error naming the sequences whose tokens are in the damaged range."""
+        self.what = self._what(f" ({sequences})")
+        self.args = (self.message,)
+        return self
+
+
 class GateStore:
     """Token routing arrays of every run in one Zarr v3 store (a local folder or an fsspec URL)."""
 
@@ -195,7 +237,7 @@ class GateStore:
                     shape=(0, *tail),
                     chunks=(chunk_tokens, *tail),
                     dtype=dtype,
-                    compressors=_COMPRESSOR,
+                    compressors=_COMPRESSORS,
                     fill_value=0,
                 )
             group.attrs.update(attrs)
@@ -261,12 +303,13 @@ class GateStore:
             "router_logits": arrays.router_logits,
         }
         try:
-            for name in self.fields(run_id, shard):
-                if values[name] is None:
-                    raise ValueError(f"run {run_id} stores {name}, but none was given")
-                array = group[name]
-                array.resize((stop, *array.shape[1:]))
-                array[start:stop] = values[name].astype(array.dtype, copy=False)
+            with zarr.config.set(_WRITE_CONFIG):  # arrays take the setting when opened
+                for name in self.fields(run_id, shard):
+                    if values[name] is None:
+                        raise ValueError(f"run {run_id} stores {name}, but none was given")
+                    array = group[name]
+                    array.resize((stop, *array.shape[1:]))
+                    array[start:stop] = values[name].astype(array.dtype, copy=False)
         except OSError as exc:
             raise _storage_error(exc, str(self.location)) from None
         return start
@@ -274,14 +317,52 @@ class GateStore:
     def read(
         self, run_id: int, start: int, stop: int, *, logits: bool = False, shard: Shard = None
     ) -> TokenArrays:
-        """Tokens ``[start, stop)`` of a run (or of one of its shards)."""
+        """Tokens ``[start, stop)`` of a run (or of one of its shards), verified (:class:`DamagedGates`)."""
         group = self._group(run_id, shard)
-        return TokenArrays(
-            group["token_ids"][start:stop],
-            group["topk_ids"][start:stop],
-            group["topk_weights"][start:stop],
-            group["router_logits"][start:stop] if logits and "router_logits" in group else None,
-        )
+        names = [*FIELDS[:3], *(["router_logits"] if logits and "router_logits" in group else [])]
+        values = {name: self._verified(group[name], run_id, shard, name, start, stop) for name in names}
+        return TokenArrays(**values)
+
+    def _verified(
+        self, array: zarr.Array, run_id: int, shard: Shard, name: str, start: int, stop: int
+    ) -> np.ndarray:
+        """``array[start:stop]``, refusing a range past the array's end, a missing chunk or one that does not
+        decode (a failed checksum among them)."""
+        where = f"{self.location}/{self._key(run_id, shard)}/{name}"
+        if stop <= start:
+            return array[start:stop]
+        length, size = array.shape[0], array.chunks[0]
+        if stop > length:
+            problem = f"the array ends at token {length}, before the committed tokens do"
+            raise DamagedGates(run_id, shard, name, (max(start, length), stop), problem, where)
+        chunks = range(start // size, (stop - 1) // size + 1)
+        for index, found in zip(chunks, self._chunks_exist(array, chunks), strict=True):
+            if not found:
+                tokens = (index * size, min((index + 1) * size, length))
+                raise DamagedGates(run_id, shard, name, tokens, f"chunk {index} is missing", where)
+        try:
+            return array[start:stop]
+        except (ValueError, RuntimeError, TypeError) as exc:
+            for index in chunks:  # which chunk: read them one by one (only when something failed)
+                tokens = (index * size, min((index + 1) * size, length))
+                try:
+                    array[tokens[0] : tokens[1]]
+                except (ValueError, RuntimeError, TypeError) as bad:
+                    problem = f"chunk {index} does not decode ({bad})"
+                    raise DamagedGates(run_id, shard, name, tokens, problem, where) from None
+            raise exc
+
+    @staticmethod
+    def _chunks_exist(array: zarr.Array, chunks: range) -> list[bool]:
+        """Whether each chunk (an index on the token axis) of an array has been written to the store."""
+        tail = (0,) * (array.ndim - 1)
+        keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((i, *tail))}" for i in chunks]
+        store = array.store_path.store
+
+        async def exist() -> list[bool]:
+            return list(await asyncio.gather(*(store.exists(key) for key in keys)))
+
+        return sync(exist())
 
     def read_sequences(
         self,
@@ -292,13 +373,15 @@ class GateStore:
         *,
         tokens_per_read: int,
         logits: bool = False,
+        seq_ids: np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, TokenArrays]]:
         """The tokens of whole sequences of a run, shard by shard, about ``tokens_per_read`` at a time.
 
         ``shards`` holds each sequence's shard, -1 for the run's own arrays (``coalesce(shard, -1)`` in SQL).
         Yields (indices of the given sequences, their tokens one after the other); each read covers the token
         range from the first sequence's start to the last one's end, so give a shard's sequences in
-        ``starts`` order.
+        ``starts`` order. A damaged range (:class:`DamagedGates`) names the sequences in it: their ``seq_ids``
+        when given.
         """
         for shard in np.unique(shards):
             pick = np.flatnonzero(shards == shard)
@@ -310,7 +393,14 @@ class GateStore:
                     j += 1
                 which = pick[i:j]
                 lo, hi = int(starts[which[0]]), int(starts[which[-1]] + lengths[which[-1]])
-                block = self.read(run_id, lo, hi, logits=logits, shard=None if shard < 0 else int(shard))
+                try:
+                    block = self.read(run_id, lo, hi, logits=logits, shard=None if shard < 0 else int(shard))
+                except DamagedGates as exc:
+                    ends = starts[which] + lengths[which]
+                    hit = which[(starts[which] < exc.tokens[1]) & (ends > exc.tokens[0])]
+                    names = hit if seq_ids is None else seq_ids[hit]
+                    label = "sequences" if seq_ids is None else "seq_id"
+                    raise exc.naming(f"{label} {_ranges(names)}") from None
                 keep = np.repeat(starts[which] - lo, lengths[which]) + sequence_positions(lengths[which])
                 yield (
                     which,
@@ -329,3 +419,11 @@ class GateStore:
             raise ValueError("stored size is only measured for a local gate store")
         root = self.location / self._key(run_id)
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _ranges(values: np.ndarray) -> str:
+    """Integers as short ranges: ``3-7, 9``."""
+    values = np.unique(np.asarray(values, dtype=np.int64))
+    breaks = np.flatnonzero(np.diff(values) != 1) + 1
+    parts = np.split(values, breaks)
+    return ", ".join(f"{p[0]}" if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts if len(p))

@@ -370,6 +370,7 @@ class Lake:
                         seqs["n_tokens"][pick],
                         tokens_per_read=tokens_per_batch,
                         logits=name == "token_logits",
+                        seq_ids=seqs["seq_id"][pick],
                     ),
                     name,
                     seqs["seq_id"][pick],

@@ -1,0 +1,129 @@
+"""Damaged gate stores on real files: a missing or garbage chunk is an error naming the run, array and
+sequences, never zeros, for every reader (GateStore reads, the token relations, the analysis)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from xici.cli.main import cli
+from xici.testbed.synthetic_lake import SyntheticSpec, write_synthetic_lake
+from xici.warehouse import Lake
+from xici.warehouse import gates as gates_module
+from xici.warehouse.gates import DamagedGates, GateStore
+
+SPEC = SyntheticSpec(questions=((24, 6),), accuracy=(0.7, 0.3), difficulty=0.5)
+
+
+def xici(lake: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["--lake", str(lake), *args], env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("template") / "lake"
+    write_synthetic_lake(Lake(root), SPEC)
+    return root
+
+
+@pytest.fixture
+def lake(template: Path, tmp_path: Path) -> Lake:
+    """A fresh copy of the intact synthetic lake."""
+    shutil.copytree(template, tmp_path / "lake")
+    return Lake(tmp_path / "lake")
+
+
+def chunk(lake: Lake, field: str, index: int) -> Path:
+    path = lake.zarr_path / "runs" / "1" / field / "c" / str(index)
+    return next(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else path
+
+
+def sequences_in(lake: Lake, lo: int, hi: int) -> list[int]:
+    """seq_ids of run 1 whose tokens overlap [lo, hi)."""
+    return lake.read(
+        lambda con: [
+            r[0]
+            for r in con.execute(
+                "select seq_id from sequences where run_id = 1"
+                " and token_start < ? and token_start + n_tokens > ? order by 1",
+                [hi, lo],
+            ).fetchall()
+        ]
+    )
+
+
+def test_missing_chunk_is_an_error_for_every_reader(lake: Lake) -> None:
+    store = lake.gates(read_only=True)
+    size = 4096
+    assert store.length(1) > 2 * size
+    chunk(lake, "topk_weights", 1).unlink()
+
+    with pytest.raises(DamagedGates) as raised:
+        store.read(1, size + 10, size + 20)
+    damage = raised.value
+    assert (damage.run_id, damage.field, damage.tokens) == (1, "topk_weights", (size, 2 * size))
+    assert "chunk 1 is missing" in raised.value.message
+    assert len(store.read(1, 0, size)) == size  # the intact chunk before it still reads
+
+    analyzed = xici(lake.root, "analyze", "--run", "1")
+    assert analyzed.exit_code == 1 and "Traceback" not in analyzed.output
+    first, *_, last = sequences_in(lake, size, 2 * size)
+    assert f"run 1 are damaged: topk_weights, tokens {size}-{2 * size - 1} (seq_id " in analyzed.output
+    assert f"{first}-{last}" in analyzed.output
+    assert "xici lake check" in analyzed.output
+    assert lake.read(lambda con: con.execute("select count(*) from analyses").fetchone()[0]) == 0
+
+
+def test_garbage_chunk_fails_its_checksum(lake: Lake) -> None:
+    path = chunk(lake, "token_ids", 2)
+    path.write_bytes(os.urandom(path.stat().st_size))
+    analyzed = xici(lake.root, "analyze", "--run", "1")
+    assert analyzed.exit_code == 1 and "Traceback" not in analyzed.output
+    assert "token_ids, tokens 8192-12287" in analyzed.output
+    assert "chunk 2 does not decode (Stored and computed checksum do not match" in analyzed.output
+
+
+def test_a_short_array_is_damage_not_fewer_tokens(lake: Lake) -> None:
+    store = lake.gates()
+    length = store.length(1)
+    store._group(1)["topk_ids"].resize((length - 5, *store._group(1)["topk_ids"].shape[1:]))
+    with pytest.raises(DamagedGates, match=r"topk_ids.*the array ends at token"):
+        store.read(1, length - 10, length)
+
+
+def test_all_zero_chunk_is_written(tmp_path: Path) -> None:
+    """A chunk of zeros has a file, so that a missing file is always damage."""
+    from xici.warehouse import TokenArrays
+
+    store = GateStore(tmp_path / "gates.zarr")
+    store.create_run(7, n_layers=2, top_k=2, n_experts=4, chunk_tokens=8)
+    zeros = TokenArrays(
+        np.zeros(16, np.int32), np.zeros((16, 2, 2), np.uint8), np.zeros((16, 2, 2), np.float16)
+    )
+    store.append(7, zeros)
+    assert np.array_equal(store.read(7, 0, 16).topk_weights, zeros.topk_weights)
+    assert sorted(p.name for p in (tmp_path / "gates.zarr/runs/7/token_ids/c").iterdir()) == ["0", "1"]
+
+
+def test_store_written_before_checksums_still_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrays without the crc32c codec (an older lake) read as before; damage is still refused."""
+    monkeypatch.setattr(gates_module, "_COMPRESSORS", gates_module._COMPRESSORS[:1])
+    lake = Lake(tmp_path / "old")
+    write_synthetic_lake(lake, SPEC)
+    monkeypatch.undo()
+    codecs = lake.gates(read_only=True)._group(1)["topk_weights"].metadata.codecs
+    assert [c.to_dict()["name"] for c in codecs] == ["bytes", "blosc"]
+    assert xici(lake.root, "analyze", "--run", "1").exit_code == 0
+
+    path = chunk(lake, "topk_ids", 0)
+    path.write_bytes(os.urandom(path.stat().st_size))
+    with pytest.raises(DamagedGates, match="chunk 0 does not decode"):
+        lake.gates(read_only=True).read(1, 0, 100)
+    path.unlink()
+    with pytest.raises(DamagedGates, match="chunk 0 is missing"):
+        lake.gates(read_only=True).read(1, 0, 100)
