@@ -7,11 +7,14 @@ The work splits in two, so a sweep pays for the expensive half once:
    tables (``seq_means``: non-zero m only, so a missing row is m = 0; ``lang_means``), i.e.
    delta = m - language mean (Eq. 2, the same definition as the SQL macro ``deltas``), splits its graded
    languages into correct C and wrong W (grades of one grader; NULL grades are left out), and tests
-   C greater than W for all columns at once (:mod:`xici.analysis.mwu`), along with the median difference.
-   The tests do not depend on the window, the blacklist, alpha, tau or the cap: each column is tested on its
-   own, so removing columns later changes nothing about the others.
-2. :func:`select_experts` applies one parameter point: the layer window and blacklist (columns removed),
-   p < alpha, median difference > tau, and the cap. When more than ``max_experts`` pass, passing experts
+   C greater than W for all columns at once (:mod:`xici.analysis.mwu`, with the ``mwu`` method), along
+   with the median difference. The tests do not depend on the window, the blacklist, alpha, tau, the cap
+   or the minimum group size: each column is tested on its own, so removing columns later changes nothing
+   about the others.
+2. :func:`select_experts` applies one parameter point: the minimum group size (a question with fewer
+   than ``min_group`` correct or wrong languages is not tested), the layer window and blacklist (columns
+   removed), p < alpha (on exact counts where p is exact: :func:`~xici.analysis.mwu.below`), median
+   difference > tau, and the cap. When more than ``max_experts`` pass, passing experts
    are ranked by p (ascending) and by median difference (descending), average ranks for ties, the two
    ranks summed, and the lowest sums kept; remaining ties are broken by p, then median difference, then
    (layer, expert), so the order is total; the kept experts are stored with their rank (1 = best).
@@ -34,7 +37,7 @@ import pyarrow as pa
 from scipy.stats import rankdata
 
 from xici.analysis.means import RunInfo, ensure_means, run_info
-from xici.analysis.mwu import mannwhitneyu_greater
+from xici.analysis.mwu import below, mannwhitneyu_greater
 from xici.analysis.params import AnalysisParams, analysis_key, param_names
 from xici.errors import XiciError
 from xici.progress import progress_bar
@@ -64,6 +67,10 @@ class QuestionTests:
     u: np.ndarray  # [questions, columns]; column = (layer - layer_start) * n_experts + expert
     p: np.ndarray
     median_diff: np.ndarray
+    extreme: np.ndarray  # int64 [questions, columns]: exact p = extreme / total; 0 where p is asymptotic
+    total: list[int]  # per question, C(n_correct + n_wrong, n_correct)
+    n_correct: np.ndarray  # [questions]
+    n_wrong: np.ndarray
 
     def columns(self, layer_start: int, layer_stop: int, blacklist: np.ndarray) -> np.ndarray:
         """Mask of the columns inside [layer_start, layer_stop) and not blacklisted ([k, 2] layer, expert)."""
@@ -93,9 +100,10 @@ class AnalysisRecord:
 
 
 def compute_tests(
-    con: duckdb.DuckDBPyConnection, info: RunInfo, grader: str, layer_start: int, layer_stop: int
+    con: duckdb.DuckDBPyConnection, info: RunInfo, grader: str, mwu: str, layer_start: int, layer_stop: int
 ) -> QuestionTests:
-    """Mann-Whitney U, p and median difference for every mixed question and (layer, expert) in the range."""
+    """Mann-Whitney U, p and median difference for every mixed question and (layer, expert) in the range;
+    ``mwu`` is the test's method (auto, exact, asymptotic)."""
     graded = con.execute(
         "select g.seq_id, g.question_id, g.lang, g.correct "
         "from sequence_grades($run, $grader) g join question_outcomes($run, $grader) o using (question_id) "
@@ -116,6 +124,7 @@ def compute_tests(
 
     shape = (len(starts), n_columns)
     u, p, median_diff = np.empty(shape), np.empty(shape), np.empty(shape)
+    extreme, total = np.zeros(shape, dtype=np.int64), []
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"tests of run {info.run_id}", total=len(starts))
         for first, stop in _blocks(starts, counts):
@@ -125,17 +134,37 @@ def compute_tests(
                 a, b = starts[q] - lo, starts[q] - lo + counts[q]
                 deltas = means[:, a:b] - lang_means[:, lang_of_row[lo + a : lo + b]]  # Eq. 2
                 correct, wrong = deltas[:, : n_correct[q]], deltas[:, n_correct[q] :]
-                u[q], p[q] = mannwhitneyu_greater(correct, wrong)
+                test = mannwhitneyu_greater(correct, wrong, mwu)
+                u[q], p[q], extreme[q] = test.u, test.p, test.extreme
+                total.append(test.total)
                 median_diff[q] = _row_medians(correct) - _row_medians(wrong)
             bar.advance(task, stop - first)
     questions = [str(q) for q in question_of_row[starts]]
-    return QuestionTests(layer_start, layer_stop, info.n_experts, questions, u, p, median_diff)
+    n_wrong = counts - n_correct
+    return QuestionTests(
+        layer_start,
+        layer_stop,
+        info.n_experts,
+        questions,
+        u,
+        p,
+        median_diff,
+        extreme,
+        total,
+        n_correct,
+        n_wrong,
+    )
 
 
-def select_experts(tests: QuestionTests, q: int, params: AnalysisParams, columns: np.ndarray) -> Selection:
-    """Steps 4-6 for question ``q`` of ``tests`` over the allowed ``columns`` (a mask)."""
+def select_experts(
+    tests: QuestionTests, q: int, params: AnalysisParams, columns: np.ndarray
+) -> Selection | None:
+    """Steps 4-6 for question ``q`` of ``tests`` over the allowed ``columns`` (a mask); None when the
+    question has fewer than ``min_group`` correct or wrong languages and is not tested."""
+    if min(tests.n_correct[q], tests.n_wrong[q]) < params.min_group:
+        return None
     p, diff = tests.p[q], tests.median_diff[q]
-    significant = columns & (p < params.alpha)
+    significant = columns & below(p, tests.extreme[q], tests.total[q], params.alpha)
     passing = np.flatnonzero(significant & (diff > params.tau))
     combined = rankdata(p[passing]) + rankdata(-diff[passing])
     order = np.lexsort((passing, -diff[passing], p[passing], combined))
@@ -170,11 +199,11 @@ def analyze(lake: Lake, run_id: int, points: list[AnalysisParams]) -> list[Analy
         ensure_means(lake, run_id)
         with lake.transaction() as con:
             blacklists: dict[tuple[float, float], np.ndarray] = {}
-            for grader in sorted({points[i].grader for i in missing}):
-                mine = [i for i in missing if points[i].grader == grader]
+            for grader, mwu in sorted({(points[i].grader, points[i].mwu) for i in missing}):
+                mine = [i for i in missing if (points[i].grader, points[i].mwu) == (grader, mwu)]
                 start = min(points[i].layer_start for i in mine)
                 stop = max(points[i].layer_stop for i in mine)
-                graded = _graded(con, info, grader, start, stop)
+                graded = _graded(con, info, grader, mwu, start, stop)
                 for i in mine:
                     pair = (points[i].blacklist_top, points[i].blacklist_share)
                     if pair not in blacklists:
@@ -193,7 +222,7 @@ class _Graded:
 
 
 def _graded(
-    con: duckdb.DuckDBPyConnection, info: RunInfo, grader: str, layer_start: int, layer_stop: int
+    con: duckdb.DuckDBPyConnection, info: RunInfo, grader: str, mwu: str, layer_start: int, layer_stop: int
 ) -> _Graded:
     [(graded,)] = con.execute(
         "select count(correct) from sequence_grades(?, ?)", [info.run_id, grader]
@@ -221,7 +250,7 @@ def _graded(
         "from language_accuracy(?, ?)",
         [info.run_id, grader],
     ).fetchall()
-    return _Graded(compute_tests(con, info, grader, layer_start, layer_stop), outcomes, accuracy)
+    return _Graded(compute_tests(con, info, grader, mwu, layer_start, layer_stop), outcomes, accuracy)
 
 
 def _blacklist(con: duckdb.DuckDBPyConnection, info: RunInfo, top: float, share: float) -> np.ndarray:
@@ -241,7 +270,8 @@ def _store(
     """Select the experts of one parameter point and write the analysis; returns its id."""
     tests = graded.tests
     columns = tests.columns(params.layer_start, params.layer_stop, blacklist)
-    picked = {qid: select_experts(tests, q, params, columns) for q, qid in enumerate(tests.question_ids)}
+    selections = {qid: select_experts(tests, q, params, columns) for q, qid in enumerate(tests.question_ids)}
+    picked = {qid: selection for qid, selection in selections.items() if selection is not None}
     [(analysis_id,)] = con.execute("select coalesce(max(analysis_id), 0) + 1 from analyses").fetchall()
     names = param_names()
     con.execute(

@@ -22,11 +22,12 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from xici.analysis.mwu import METHODS as MWU_METHODS
 from xici.errors import XiciError
 
 #: Bump when a change to the method changes the expert sets of the same data and parameters, so stored
 #: analyses are not reused for a different computation.
-METHOD_VERSION = 1
+METHOD_VERSION = 2  # 2: "p < alpha" decided on exact counts where p is exact; --mwu, --min-group
 
 DEFAULT_TAU = 0.005
 
@@ -62,6 +63,8 @@ class AnalysisParams:
     blacklist_top: float = 0.01
     blacklist_share: float = 0.05
     grader: str = "match"
+    mwu: str = "auto"  # how the test's p is computed: auto, exact or asymptotic (analysis/mwu.py)
+    min_group: int = 1  # a question is tested with at least this many correct and this many wrong languages
 
     def validate(self, n_moe_layers: int) -> None:
         """Refuse values that make no sense for a run with ``n_moe_layers`` MoE layers."""
@@ -84,6 +87,14 @@ class AnalysisParams:
                 raise XiciError(f"{option} is a share and must be in [0, 1]", where=option)
         if not self.grader:
             raise XiciError("the grader name is empty", where="--grader")
+        if self.mwu not in MWU_METHODS:
+            raise XiciError(
+                f"unknown Mann-Whitney method {self.mwu!r}",
+                where="--mwu",
+                fix=f"use one of {', '.join(MWU_METHODS)}",
+            )
+        if self.min_group < 1:
+            raise XiciError(f"min-group must be at least 1, got {self.min_group}", where="--min-group")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,6 +163,8 @@ SWEEPABLE: dict[str, tuple[str, Any]] = {
     "blacklist-top": ("blacklist_top", float),
     "blacklist-share": ("blacklist_share", float),
     "layers": ("layers", parse_layers),
+    "mwu": ("mwu", str),
+    "min-group": ("min_group", int),
 }
 
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from xici.analysis.identify import AnalysisRecord
 from xici.analysis.identify import analyze as run_analyses
 from xici.analysis.means import run_info
+from xici.analysis.mwu import METHODS as MWU_METHODS
 from xici.analysis.params import (
     DEFAULT_TAU,
     PRESETS,
@@ -52,6 +53,17 @@ from xici.warehouse import Lake
 )
 @click.option("--grader", default="match", show_default=True, help="Whose grades say correct or wrong.")
 @click.option(
+    "--mwu",
+    type=click.Choice(MWU_METHODS),
+    help="p of the Mann-Whitney test: exact (permutation distribution, ties included), asymptotic (normal "
+    "approximation) or auto (exact only without ties and with a group of at most 8, like scipy) [auto].",
+)
+@click.option(
+    "--min-group",
+    type=int,
+    help="Test a question only with at least this many correct and this many wrong languages [1].",
+)
+@click.option(
     "--sweep",
     multiple=True,
     metavar="NAME=V1,V2,...",
@@ -81,6 +93,7 @@ def analyze(
     Examples:
       xici analyze --run 1
       xici analyze --run 1 --preset qwen3-30b-a3b --alpha 0.01
+      xici analyze --run 1 --mwu exact --min-group 3
       xici analyze --run 1 --sweep tau=0.001,0.005,0.01 --sweep max-experts=5,25,45
       xici analyze list
       xici analyze show 3
@@ -146,6 +159,8 @@ def list_(lake: Lake) -> None:
         "tau": "tau",
         "layers": "layers",
         "max_experts": "cap",
+        "mwu": "mwu",
+        "min_group": "min group",
         "mixed": "mixed",
         "with_experts": "with experts",
         "avg_experts": "avg experts",
@@ -167,7 +182,8 @@ def show(lake: Lake, analysis_id: int) -> None:
     console.print(
         f"Analysis {analysis_id} of run {row['run_id']}: alpha {row['alpha']:g}, tau {row['tau']:g}, "
         f"layers {row['layer_start']}:{row['layer_stop']}, at most {row['max_experts']} experts, blacklist "
-        f"= top {row['blacklist_top']:g} in more than {row['blacklist_share']:g} of sequences.",
+        f"= top {row['blacklist_top']:g} in more than {row['blacklist_share']:g} of sequences, Mann-Whitney "
+        f"p {row['mwu']}, groups of at least {row['min_group']}.",
         highlight=False,
     )
     console.print(_summary_table(row))

@@ -92,7 +92,7 @@ def test_python_deltas_are_the_sql_deltas_macro(planted: tuple[Lake, SyntheticLa
     ensure_means(lake, synthetic.run_id)
     with lake.connect(read_only=True) as con:
         info = run_info(con, synthetic.run_id)
-        tests = compute_tests(con, info, "match", *WINDOW)
+        tests = compute_tests(con, info, "match", "auto", *WINDOW)
         q = 3
         qid = tests.question_ids[q]
         rows = con.execute(
@@ -108,7 +108,8 @@ def test_python_deltas_are_the_sql_deltas_macro(planted: tuple[Lake, SyntheticLa
         x = np.array([d for c, d in cell if c])
         y = np.array([d for c, d in cell if not c])
         expected = mannwhitneyu(x, y, alternative="greater")
-        assert (tests.u[q, column], tests.p[q, column]) == (expected.statistic, expected.pvalue)
+        assert tests.u[q, column] == expected.statistic
+        assert tests.p[q, column] == pytest.approx(expected.pvalue, rel=1e-12, abs=0)
         assert tests.median_diff[q, column] == np.median(x) - np.median(y)
 
 
@@ -116,7 +117,8 @@ def test_selection_ranks_by_p_and_median_difference_and_caps() -> None:
     """Five experts pass; ranks: p (0.01, 0.01, 0.02, 0.03, 0.04) and diff (0.5, 0.2, 0.9, 0.1, 0.3)."""
     p = np.array([[0.01, 0.01, 0.02, 0.03, 0.04, 0.2, 0.001, 0.01]])
     diff = np.array([[0.5, 0.2, 0.9, 0.1, 0.3, 0.9, 0.0, 0.6]])
-    tests = QuestionTests(0, 1, 8, ["q"], np.zeros_like(p), p, diff)
+    none = np.zeros_like(p, dtype=np.int64)  # no exact counts: every p is compared as it is
+    tests = QuestionTests(0, 1, 8, ["q"], np.zeros_like(p), p, diff, none, [0], np.array([3]), np.array([4]))
     allowed = np.array([True] * 7 + [False])  # the last one is blacklisted
     # p ranks 1.5, 1.5, 3, 4, 5; diff ranks 2, 4, 1, 5, 3 -> sums 3.5, 5.5, 4, 9, 8
     picked = select_experts(tests, 0, AnalysisParams(0, 1, tau=0.0, max_experts=25), allowed)
@@ -226,6 +228,10 @@ def test_unknown_run_and_bad_parameters_are_user_errors(planted: tuple[Lake, Syn
         resolve(None, 8, layers=(2, 9))
     with pytest.raises(XiciError, match="alpha"):
         resolve(None, 8, alpha=0.0)
+    with pytest.raises(XiciError, match="Mann-Whitney method 'permutation'"):
+        resolve(None, 8, mwu="permutation")
+    with pytest.raises(XiciError, match="min-group"):
+        resolve(None, 8, min_group=0)
 
 
 def test_stored_rows_match_the_export_schema(planted: tuple[Lake, SyntheticLake], tmp_path: Path) -> None:
@@ -239,3 +245,61 @@ def test_stored_rows_match_the_export_schema(planted: tuple[Lake, SyntheticLake]
     keys = [(row[0], row[6]) for row in table]
     assert keys == sorted(keys)  # ordered by question, then rank
     assert all(row[4] < 0.05 and row[5] > 0.05 for row in table)
+
+
+@pytest.fixture(scope="module")
+def three_three(tmp_path_factory: pytest.TempPathFactory) -> tuple[Lake, SyntheticLake]:
+    """30 questions in 6 languages with a grader 'split' that says 3 correct and 3 wrong for every one."""
+    lake = Lake(tmp_path_factory.mktemp("three"))
+    synthetic = write_synthetic_lake(lake, replace(SPEC, questions=((30, 6),), dataset="three"))
+    with lake.transaction() as con:
+        con.execute(
+            "insert into grades (seq_id, grader, grader_version, correct) "
+            "select seq_id, 'split', '1', lang in ('en', 'x-s01', 'x-s02') from sequences where run_id = ?",
+            [synthetic.run_id],
+        )
+    return lake, synthetic
+
+
+def test_exact_test_keeps_no_expert_with_three_and_three(three_three: tuple[Lake, SyntheticLake]) -> None:
+    """3 correct vs 3 wrong: the smallest exact p is 1/20, never below alpha 0.05; the normal approximation
+    (p = 0.040 for a perfect split) lets the luckiest columns through."""
+    lake, synthetic = three_three
+    exact, approximate = analyze(
+        lake,
+        synthetic.run_id,
+        [resolve(None, 8, tau=0.0, grader="split", mwu=m) for m in ("exact", "asymptotic")],
+    )
+    questions = _questions(lake, exact.analysis_id)
+    assert len(questions) == 30 and all(row[:3] == ("mixed", 3, 3) for row in questions.values())
+    assert sum(row[4] for row in questions.values()) == 0  # n_significant
+    assert _sets(lake, exact.analysis_id) == {}
+    assert sum(len(s) for s in _sets(lake, approximate.analysis_id).values()) > 30
+    with lake.connect(read_only=True) as con:
+        assert con.execute(
+            "select mwu, min_group from analyses where analysis_id = ?", [exact.analysis_id]
+        ).fetchall() == [("exact", 1)]
+    # at alpha just above 1/20, the perfect splits pass, with their exact p stored
+    [loose] = analyze(
+        lake, synthetic.run_id, [resolve(None, 8, tau=0.0, grader="split", mwu="exact", alpha=0.051)]
+    )
+    with lake.connect(read_only=True) as con:
+        stored = con.execute(
+            "select distinct p, u from analysis_experts where analysis_id = ?", [loose.analysis_id]
+        )
+        assert stored.fetchall() == [(0.05, 9.0)]
+
+
+def test_min_group_skips_small_questions(planted: tuple[Lake, SyntheticLake]) -> None:
+    lake, synthetic = planted
+    every, large = analyze(lake, synthetic.run_id, [resolve(None, 8, tau=0.05, min_group=k) for k in (1, 5)])
+    all_rows, large_rows = _questions(lake, every.analysis_id), _questions(lake, large.analysis_id)
+    small = {q for q, row in all_rows.items() if row[0] == "mixed" and min(row[1], row[2]) < 5}
+    assert small and len(small) < len([r for r in all_rows.values() if r[0] == "mixed"])
+    for qid, row in large_rows.items():
+        if qid in small:
+            assert row[0] == "mixed" and row[4] is None and row[6] == 0  # not tested
+        else:
+            assert row == all_rows[qid]
+    sets = _sets(lake, every.analysis_id)
+    assert _sets(lake, large.analysis_id) == {q: s for q, s in sets.items() if q not in small}

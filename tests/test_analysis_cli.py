@@ -64,6 +64,19 @@ def test_analyze_show_list(lake: Path) -> None:
     assert listed.exit_code == 0 and "1:7" in listed.output
 
 
+def test_mwu_and_min_group_options(lake: Path) -> None:
+    result = xici(lake, "analyze", "--run", "1", "--mwu", "exact", "--min-group", "2")
+    assert result.exit_code == 0, result.output
+    analysis_id = result.output.split("Analysis ")[1].split()[0]
+    shown = xici(lake, "analyze", "show", analysis_id)
+    assert "Mann-Whitney p exact, groups of at least 2" in shown.output
+    wrong = xici(lake, "analyze", "--run", "1", "--min-group", "0")
+    assert wrong.exit_code != 0 and "min-group must be at least 1" in wrong.output
+    assert "Traceback" not in wrong.output
+    swept = xici(lake, "analyze", "--run", "1", "--sweep", "mwu=auto,exact", "--sweep", "min-group=1,3")
+    assert swept.exit_code == 0 and swept.output.count("exact") == 2, swept.output
+
+
 def test_sweep_stores_every_point(lake: Path) -> None:
     result = xici(lake, "analyze", "--run", "1", "--sweep", "tau=0.001,0.05", "--sweep", "max-experts=2,5,9")
     assert result.exit_code == 0, result.output
