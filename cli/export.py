@@ -41,5 +41,6 @@ def experts(lake: Lake, analysis_id: int, out: Path) -> None:
     Parquet and JSON also carry the analysis (run, model, parameters). The same analysis always gives
     the same bytes, ready for `xici ablate` or a steering tool.
     """
+    lake.check_output(out)
     rows = lake.read(lambda con: export_experts(con, analysis_id, out))
     Console().print(f"Wrote {rows:,} experts of analysis {analysis_id} to {out}.", highlight=False)

@@ -10,28 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from xici.cli.common import pass_lake
-from xici.errors import XiciError
 from xici.warehouse import Lake
-from xici.warehouse.query import query_connection
-
-# File suffix -> options of DuckDB's COPY ... TO.
-_FORMATS = {
-    ".csv": "format csv, header true",
-    ".parquet": "format parquet",
-    ".json": "format json, array true",
-    ".jsonl": "format json",
-    ".ndjson": "format json",
-}
-
-
-def _copy_options(out: Path) -> str:
-    if out.suffix.lower() not in _FORMATS:
-        raise XiciError(
-            f"cannot tell the output format from {out.name!r}",
-            where="--out",
-            fix=f"end the file name with one of {', '.join(_FORMATS)}",
-        )
-    return _FORMATS[out.suffix.lower()]
+from xici.warehouse.query import copy_to, query_connection, query_error
 
 
 @click.command()
@@ -44,9 +24,22 @@ def _copy_options(out: Path) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the result to a file instead: .csv, .parquet, .json (one array) or .jsonl.",
 )
+@click.option(
+    "--allow-read",
+    type=click.Path(exists=True, path_type=Path),
+    multiple=True,
+    help="A file or folder of your own the query may read, besides the current folder (repeatable).",
+)
 @click.option("--max-rows", type=int, default=50, show_default=True, help="Rows shown in the table.")
 @pass_lake
-def sql(lake: Lake, query: str, run_ids: tuple[int, ...], out: Path | None, max_rows: int) -> None:
+def sql(
+    lake: Lake,
+    query: str,
+    run_ids: tuple[int, ...],
+    out: Path | None,
+    allow_read: tuple[Path, ...],
+    max_rows: int,
+) -> None:
     """Run a read-only SQL QUERY on the warehouse and show the result as a table.
 
     \b
@@ -59,25 +52,26 @@ def sql(lake: Lake, query: str, run_ids: tuple[int, ...], out: Path | None, max_
     `layer` counts MoE layers from 0 (runs.params ->> 'moe_layers' maps them to blocks). Each token
     relation can be scanned once per query.
     \b
+    Only reading is possible: one SELECT (or EXPLAIN, DESCRIBE, SHOW, a describing PRAGMA); ATTACH,
+    COPY, SET, INSTALL, LOAD and every statement that writes are refused. Files the query may read: the
+    current folder and --allow-read paths (e.g. read_parquet('mine.parquet')); the one file it writes
+    is --out, which may not be inside the lake's warehouse or gate store.
+    \b
     Example:
       xici sql "select lang, count(*) from sequences group by lang"
     """
     text = query.strip().rstrip(";").strip()
-    options = None if out is None else _copy_options(out)
-    con = query_connection(lake, text, run_ids)
+    con = query_connection(lake, text, run_ids, out=out, allow_read=allow_read)
     try:
         try:
             if out is not None:
-                target = str(out).replace("'", "''")
-                written = con.execute(f"copy ({text}) to '{target}' ({options})").fetchone()[0]
+                written = copy_to(con, text, out)
             else:
                 cursor = con.execute(text)
                 columns = None if cursor.description is None else [d[0] for d in cursor.description]
                 rows = [] if columns is None else cursor.fetchmany(max_rows + 1)
         except duckdb.Error as exc:
-            raise XiciError(
-                f"the query failed: {exc}", fix="Check the SQL; xici sql --help lists the tables"
-            ) from None
+            raise query_error(exc) from None
     finally:
         con.close()
     if out is not None:

@@ -53,10 +53,12 @@ def build_report(
     lake: Lake, out: Path | None = None, *, run_id: int | None = None, analysis_id: int | None = None
 ) -> ReportFiles:
     """Write ``report.md``, ``report.html`` and the figures into ``out`` (default ``<lake>/report``)."""
+    out = out if out is not None else lake.root / REPORT_DIR
+    lake.check_output(out, folder=True)
     with reading(lake) as con:
         choice = choose(con, run_id, analysis_id)
         blocks = document(con, lake, choice)
-    return write(blocks, out if out is not None else lake.root / REPORT_DIR)
+    return write(blocks, out)
 
 
 def document(con: duckdb.DuckDBPyConnection, lake: Lake, choice: Choice) -> list[Block]:

@@ -32,11 +32,8 @@ PARAMS: tuple[str, ...] = tuple(name for name in param_names() if name != "grade
 @contextmanager
 def reading(lake: Lake) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory connection with the warehouse attached read-only and xici's macros beside it."""
-    lake.connect(read_only=True).close()  # no warehouse: a XiciError saying what to run; old schema: migrated
-    con = duckdb.connect()
+    con = lake.attached("lake")
     try:
-        path = str(lake.warehouse_path).replace("'", "''")
-        con.execute(f"attach '{path}' as lake (read_only)")
         con.execute("set search_path = 'memory.main,lake.main'")
         sql.apply_views(con)
         yield con

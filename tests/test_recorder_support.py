@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 
 from xici.warehouse import Lake
@@ -56,6 +57,15 @@ def new_lake(root: Path, dataset: str = "toy") -> Lake:
     lake = Lake(root)
     import_dataset(lake, dataset, write_dataset(root.parent / f"{root.name}-{dataset}.jsonl"), "jsonl")
     return lake
+
+
+def direct(lake: Lake, query: str) -> list[tuple]:
+    """The query with the plain duckdb module: the warehouse is an ordinary DuckDB file."""
+    con = duckdb.connect(str(lake.warehouse_path), read_only=True)
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
 
 
 def stopping_checkpoint(source: Path, target: Path, max_new_tokens: int) -> Path:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import duckdb
 import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from test_recorder_support import new_lake
+from test_recorder_support import direct, new_lake
 
 from xici.cli.main import cli
 from xici.recorder.run import RecordSpec, record
@@ -37,15 +36,6 @@ def lake(tiny_checkpoint, tmp_path_factory) -> Lake:
 
 def xici_sql(lake: Lake, *args: str):
     return CliRunner().invoke(cli, ["--lake", str(lake.root), "sql", *args])
-
-
-def direct(lake: Lake, query: str) -> list[tuple]:
-    """The same query with the plain duckdb module: the warehouse is an ordinary DuckDB file."""
-    con = duckdb.connect(str(lake.warehouse_path), read_only=True)
-    try:
-        return con.execute(query).fetchall()
-    finally:
-        con.close()
 
 
 def test_warehouse_tables_as_a_table(lake: Lake) -> None:
@@ -137,7 +127,7 @@ def test_sql_errors_and_writes_are_refused(lake: Lake, tmp_path: Path) -> None:
     assert "Traceback" not in bad.output
     before = direct(lake, "select count(*) from runs")
     write = xici_sql(lake, "delete from runs")
-    assert write.exit_code == 1 and "read-only" in write.output
+    assert write.exit_code == 1 and "read-only and refuses DELETE" in write.output
     assert direct(lake, "select count(*) from runs") == before
     suffix = xici_sql(lake, "select 1", "--out", str(tmp_path / "x.xlsx"))
     assert suffix.exit_code == 1 and ".parquet" in suffix.output

@@ -97,12 +97,7 @@ def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection
     try:
         con = duckdb.connect(str(path), read_only=read_only)
     except duckdb.IOException as exc:
-        raise XiciError(
-            f"cannot open the warehouse: {exc}",
-            where=str(path),
-            fix="another xici process may be writing this lake; wait for it, or check the folder's "
-            "permissions",
-        ) from None
+        raise _open_error(path, exc) from None
     if not read_only:
         migrate(con)
     elif schema_version(con) < len(migrations()):
@@ -111,3 +106,27 @@ def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection
         connect(path).close()
         con = duckdb.connect(str(path), read_only=True)
     return con
+
+
+def attach_read_only(path: Path, alias: str) -> duckdb.DuckDBPyConnection:
+    """A new in-memory DuckDB with the warehouse attached read-only as ``alias``.
+
+    Unlike :func:`connect`, the connection is a database instance of its own: settings changed on it (the
+    sandbox of ``xici sql``) reach no other connection of this process to the same file.
+    """
+    connect(path, read_only=True).close()  # no warehouse: XiciError saying what to run; old schema: migrated
+    con = duckdb.connect()
+    try:
+        con.execute(f"attach '{str(path).replace(chr(39), chr(39) * 2)}' as {alias} (read_only)")
+    except duckdb.IOException as exc:
+        con.close()
+        raise _open_error(path, exc) from None
+    return con
+
+
+def _open_error(path: Path, exc: duckdb.IOException) -> XiciError:
+    return XiciError(
+        f"cannot open the warehouse: {exc}",
+        where=str(path),
+        fix="another xici process may be writing this lake; wait for it, or check the folder's permissions",
+    )

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from xici.errors import XiciError
-from xici.warehouse.db import connect
+from xici.warehouse.db import attach_read_only, connect
 from xici.warehouse.gates import (
     GateStore,
     Shard,
@@ -100,9 +100,38 @@ class Lake:
     def gates_location(self) -> Path | str:
         """Where this lake's token arrays are: ``gates.zarr`` in the folder, or the URL set by use_gates."""
         settings = self.root / SETTINGS_FILE
-        if settings.exists():
+        if not settings.exists():
+            return self.zarr_path
+        try:
             return json.loads(settings.read_text())["gates"]
-        return self.zarr_path
+        except (ValueError, TypeError, KeyError):
+            raise XiciError(
+                "the lake's settings are not readable: expected a JSON object with the key 'gates' (where "
+                "the token arrays are)",
+                where=str(settings),
+                fix='restore it, e.g. {"gates": "<folder or URL of the gate store>"}; if the lake never used '
+                "--gates-url, remove the file (its token arrays are then gates.zarr in the lake folder)",
+            ) from None
+
+    def check_output(self, path: Path, *, where: str = "--out", folder: bool = False) -> None:
+        """Refuse an output that would land in the lake's own files: the warehouse (and DuckDB's files beside
+        it), lake.json, the run locks, the gate store; a ``folder`` output (a report) may not be the lake
+        folder itself either, since it writes and replaces files of fixed names in it."""
+        target = path.expanduser().resolve()
+        root = self.root.expanduser().resolve()
+        gates = local_folder(self.gates_location)
+        owned = [root / "locks", self.zarr_path.resolve()] + ([] if gates is None else [gates.resolve()])
+        inside = next((str(o) for o in owned if target.is_relative_to(o)), None)
+        if target.parent == root and target.name.startswith((WAREHOUSE_FILE, SETTINGS_FILE)):
+            inside = str(target)
+        elif folder and target == root:
+            inside = str(root)
+        if inside is not None:
+            raise XiciError(
+                f"{path} is inside the lake's own files ({inside}); writing there could damage the recording",
+                where=where,
+                fix="write to a file or folder outside the warehouse and the gate store (any other folder)",
+            )
 
     def use_gates(self, location: str) -> None:
         """Keep this lake's token arrays at ``location`` (an fsspec URL, e.g. ``s3://bucket/lake.zarr``, or a
@@ -205,6 +234,11 @@ class Lake:
                 con.close()
 
         return self.retrying(attempt)
+
+    def attached(self, alias: str = "warehouse") -> duckdb.DuckDBPyConnection:
+        """An in-memory connection of its own with the warehouse attached read-only as ``alias`` (see
+        :func:`~xici.warehouse.db.attach_read_only`), waiting out other processes' locks like :meth:`read`."""
+        return self.retrying(lambda _: attach_read_only(self.warehouse_path, alias))
 
     def write(self, change: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """``change(con)`` in one short transaction, waiting out other processes' locks."""
