@@ -293,6 +293,7 @@ def record(
     layout = resolve(config).layout(config)
     device = placement(device, ray, spec.backend, engine_options)
     units = lake.read(lambda con: load_units(con, spec.dataset, spec.languages, spec.limit))
+    lake.gates()  # refuse another lake's gate store before anything is written
     tokenizer = load_tokenizer(spec.model)
     spec.prompt_format.check(tokenizer)
     prompts = [spec.prompt_format.encode(tokenizer, u.question) for u in units]

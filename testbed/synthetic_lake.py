@@ -193,6 +193,7 @@ def synthetic_world(spec: SyntheticSpec) -> SyntheticWorld:
 def write_synthetic_lake(lake: Lake, spec: SyntheticSpec) -> SyntheticLake:
     """Write (or finish writing) the lake of ``spec``; a finished run with the same spec is reused."""
     world = synthetic_world(spec)
+    lake.gates()  # as a recording does: refuse another lake's gate store before anything is written
     with lake.transaction() as con:
         row = next(
             iter(con.execute("select status from runs where run_key = ?", [spec.key()]).fetchall()), None

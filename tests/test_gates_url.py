@@ -307,3 +307,28 @@ def test_record_cli_with_gates_url(qwen: Path, tmp_path: Path) -> None:
     other = CliRunner().invoke(cli, [*args[:-1], f"file://{tmp_path / 'other.zarr'}"])
     assert other.exit_code == 1 and "Traceback" not in other.output
     assert f"this lake keeps its token arrays at {url}" in other.output
+
+
+def test_two_lakes_never_share_a_gate_store(qwen: Path, tmp_path: Path) -> None:
+    """A second lake with the same --gates-url, and a lake whose warehouse was recreated, are refused before
+    they write anything: the first lake's arrays stay as they were."""
+    url = f"file://{tmp_path / 'shared' / 'gates.zarr'}"
+    record_args = ["record", "--model", str(qwen), "--dataset", "toy", "--languages", "en"]
+    record_args += ["--max-new-tokens", "3", "--device", "cpu", "--gates-url", url]
+    first = new_lake(tmp_path / "first")
+    assert CliRunner().invoke(cli, ["--lake", str(first.root), *record_args]).exit_code == 0
+    store = tmp_path / "shared" / "gates.zarr"
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+    second = new_lake(tmp_path / "second")
+    refused = CliRunner().invoke(cli, ["--lake", str(second.root), *record_args])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "the gate store belongs to another lake" in refused.output and "xici lake check" in refused.output
+    assert not (second.root / "lake.json").exists()  # the refused URL is not kept
+
+    first.warehouse_path.unlink()
+    recreated = new_lake(first.root)
+    again = CliRunner().invoke(cli, ["--lake", str(first.root), *record_args[:-2]])
+    assert again.exit_code == 1 and "the gate store belongs to another lake" in again.output
+    assert recreated.read(lambda con: con.execute("select count(*) from runs").fetchall()) == [(0,)]
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before

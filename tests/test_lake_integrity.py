@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from xici.cli.main import cli
+from xici.errors import XiciError
 from xici.testbed.synthetic_lake import SyntheticSpec, write_synthetic_lake
 from xici.warehouse import Lake
 from xici.warehouse import gates as gates_module
@@ -127,3 +129,43 @@ def test_store_written_before_checksums_still_reads(tmp_path: Path, monkeypatch:
     path.unlink()
     with pytest.raises(DamagedGates, match="chunk 0 is missing"):
         lake.gates(read_only=True).read(1, 0, 100)
+
+
+def gate_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_lake_claims_its_gate_store(lake: Lake, tmp_path: Path) -> None:
+    """The lake's id is drawn once; its store records it (an older, unclaimed store is claimed on write)."""
+    lake_id = lake.identity()
+    assert Lake(lake.root).identity() == lake_id and len(lake_id) == 36
+    assert lake.gates(read_only=True).owner == lake_id
+    other = Lake(tmp_path / "other")
+    write_synthetic_lake(other, replace(SPEC, dataset="other"))
+    assert other.identity() != lake_id
+
+
+def test_an_unclaimed_store_is_claimed_by_its_own_lake_only(lake: Lake) -> None:
+    store = lake.gates()
+    del store._root.attrs["lake_id"]  # as a lake written before lakes had ids left it
+    assert lake.gates(read_only=True).owner is None  # reading does not claim
+    assert lake.gates().owner == lake.identity()  # its own runs: claimed on write
+
+
+def test_a_recreated_warehouse_does_not_write_into_the_old_store(lake: Lake) -> None:
+    before = gate_files(lake.zarr_path)
+    lake.warehouse_path.unlink()
+    again = Lake(lake.root)
+    with pytest.raises(XiciError, match="belongs to another lake") as raised:
+        write_synthetic_lake(again, SPEC)
+    assert "xici lake check tells which runs the store holds" in raised.value.message
+    assert gate_files(lake.zarr_path) == before
+    assert again.read(lambda con: con.execute("select count(*) from runs").fetchall()) == [(0,)]
+
+    # The same with a store written before lakes had ids: it holds runs this warehouse does not know.
+    store = GateStore(lake.zarr_path)
+    del store._root.attrs["lake_id"]
+    unowned = gate_files(lake.zarr_path)
+    with pytest.raises(XiciError, match="holds runs 1 that this lake's warehouse does not know"):
+        write_synthetic_lake(Lake(lake.root), SPEC)
+    assert gate_files(lake.zarr_path) == unowned

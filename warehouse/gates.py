@@ -186,6 +186,24 @@ class GateStore:
         except OSError as exc:
             raise _storage_error(exc, str(self.location)) from None
 
+    @property
+    def owner(self) -> str | None:
+        """The id of the lake this store belongs to (None: new, or written before lakes had ids)."""
+        return None if self._root is None else self._root.attrs.get("lake_id")
+
+    def claim(self, lake_id: str) -> None:
+        """Record that this store belongs to the lake ``lake_id`` (see :meth:`xici.warehouse.Lake.gates`)."""
+        try:
+            self._root.attrs["lake_id"] = lake_id
+        except OSError as exc:
+            raise _storage_error(exc, str(self.location)) from None
+
+    def run_ids(self) -> list[int]:
+        """The runs that have arrays in this store."""
+        if self._root is None or "runs" not in self._root:
+            return []
+        return sorted(int(name) for name in self._root["runs"].group_keys())
+
     @staticmethod
     def _key(run_id: int, shard: Shard = None) -> str:
         return f"runs/{run_id}" if shard is None else f"runs/{run_id}/shards/{shard}"

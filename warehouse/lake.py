@@ -87,6 +87,7 @@ class Lake:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._identity: str | None = None
 
     @property
     def warehouse_path(self) -> Path:
@@ -146,6 +147,7 @@ class Lake:
                 fix="leave --gates-url out to use them, or start a new lake with --lake",
             )
         check_location(location)
+        self._check_owner(GateStore(location, read_only=True), writing=True)
         self._ensure_root()
         temporary = self.root / f"{SETTINGS_FILE}.tmp"
         temporary.write_text(json.dumps({"gates": location}) + "\n")
@@ -249,10 +251,74 @@ class Lake:
 
         return self.retrying(attempt)
 
-    def gates(self, *, read_only: bool = False) -> GateStore:
+    def identity(self, con: duckdb.DuckDBPyConnection | None = None) -> str:
+        """This lake's id, drawn when its warehouse was created (read on ``con`` when given)."""
+        if self._identity is None:
+
+            def query(con: duckdb.DuckDBPyConnection) -> str:
+                [(lake_id,)] = con.execute("select lake_id from lake").fetchall()
+                return str(lake_id)
+
+            if con is not None:
+                self._identity = query(con)
+            else:
+                self._identity = self.read(query) if self.warehouse_path.exists() else self.write(query)
+        return self._identity
+
+    def gates(self, *, read_only: bool = False, con: duckdb.DuckDBPyConnection | None = None) -> GateStore:
+        """The gate store, checked to be this lake's (and claimed for it on the first write).
+
+        Give ``con`` when a connection to the warehouse is open in this process: the check reads it.
+        """
         if not read_only:
             self._ensure_root()
-        return GateStore(self.gates_location, read_only=read_only)
+        store = GateStore(self.gates_location, read_only=read_only)
+        self._check_owner(store, con, writing=not read_only)
+        return store
+
+    def _check_owner(
+        self, store: GateStore, con: duckdb.DuckDBPyConnection | None = None, *, writing: bool
+    ) -> None:
+        """Refuse a gate store that belongs to another lake; before writing, claim one that belongs to none.
+
+        A store without an owner is new, or was written before lakes had ids: it is claimed when every run it
+        holds is a run of this warehouse (an older lake of its own), and refused otherwise (another lake's, or
+        this folder's after its warehouse was lost). Reading such a store does not claim it.
+        """
+        lake_id, owner = self.identity(con), store.owner
+        if owner == lake_id:
+            return
+        recover = (
+            "point this lake at a gate store of its own (a new --lake folder, or another --gates-url); if "
+            "this lake's warehouse was lost, restore it from a backup: xici lake check tells which runs the "
+            "store holds"
+        )
+        if owner is not None:
+            raise XiciError(
+                f"the gate store belongs to another lake (id {owner}), not to this one (id {lake_id}); "
+                "writing into it would overwrite that lake's runs",
+                where=str(store.location),
+                fix=recover,
+            )
+        if not writing:
+            return
+        known = {r for (r,) in self._runs(con)}
+        strangers = [r for r in store.run_ids() if r not in known]
+        if strangers:
+            raise XiciError(
+                f"the gate store holds runs {', '.join(map(str, strangers))} that this lake's warehouse does "
+                "not know; writing into it would overwrite them",
+                where=str(store.location),
+                fix=recover,
+            )
+        if not store.read_only:
+            store.claim(lake_id)
+
+    def _runs(self, con: duckdb.DuckDBPyConnection | None) -> list[tuple[int]]:
+        def query(con: duckdb.DuckDBPyConnection) -> list[tuple[int]]:
+            return con.execute("select run_id from runs").fetchall()
+
+        return query(con) if con is not None else self.read(query)
 
     # -- runs -------------------------------------------------------------------------------------------
 
@@ -290,7 +356,7 @@ class Lake:
         try:
             units = con.execute("select unit from sequences where run_id = ?", [run_id]).fetchall()
             done = {unit for (unit,) in units}
-            gates = self.gates()
+            gates = self.gates(con=con)
             if gates.has_run(run_id):
                 for shard in [None, *gates.shards(run_id)]:
                     committed = self.committed_tokens(con, run_id, shard)
@@ -389,7 +455,7 @@ class Lake:
             "select run_id, coalesce(shard, -1) as shard, seq_id, token_start, n_tokens from sequences "
             f"{where} order by run_id, shard nulls first, token_start"
         ).fetchnumpy()
-        gates = self.gates(read_only=True)
+        gates = self.gates(read_only=True, con=con)
 
         def batches() -> Iterator[pa.RecordBatch]:
             for run_id in np.unique(seqs["run_id"]).tolist():

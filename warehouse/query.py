@@ -127,7 +127,7 @@ def _check_runs(lake: Lake, con: duckdb.DuckDBPyConnection, run_ids: Sequence[in
     if unknown:
         raise XiciError(f"there is no run {', '.join(map(str, unknown))} in this lake", where="--run")
     if "token_logits" in names:
-        gates = lake.gates(read_only=True)
+        gates = lake.gates(read_only=True, con=con)
         selected = run_ids or sorted(known)
         if not any(gates.has_run(r) and "router_logits" in gates.fields(r) for r in selected):
             raise XiciError(
