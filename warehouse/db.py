@@ -43,12 +43,13 @@ def migrations() -> list[Migration]:
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     """The newest migration applied to this warehouse (0 for an empty file)."""
-    exists = con.execute(
+    # fetchall, not fetchone: a result left unfinished would block relations made on this connection later.
+    [(exists,)] = con.execute(
         "select count(*) from information_schema.tables where table_name = 'schema_version'"
-    ).fetchone()[0]
+    ).fetchall()
     if not exists:
         return 0
-    return con.execute("select coalesce(max(version), 0) from schema_version").fetchone()[0]
+    return con.execute("select coalesce(max(version), 0) from schema_version").fetchall()[0][0]
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from xici.errors import XiciError
+from xici.notebook import LakeReading
 from xici.warehouse.db import attach_read_only, connect
 from xici.warehouse.gates import (
     GateStore,
@@ -82,12 +83,22 @@ TOKEN_RELATIONS = {
 }
 
 
-class Lake:
-    """A lake folder: ``warehouse.duckdb`` (metadata, SQL) and ``gates.zarr`` (per-token routing)."""
+class Lake(LakeReading):
+    """A lake folder: ``warehouse.duckdb`` (metadata, SQL) and ``gates.zarr`` (per-token routing).
 
-    def __init__(self, root: Path | str) -> None:
+    ``read_only`` lakes (what :func:`xici.open` gives by default) refuse every write with a clear error; the
+    reading side (``sql``, ``routing``, tables and plots) is :class:`~xici.notebook.LakeReading`.
+    """
+
+    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
         self.root = Path(root)
         self._identity: str | None = None
+        self.read_only = read_only
+        # Connections behind the relations lake.sql has handed out; closed by close().
+        self._held: list[duckdb.DuckDBPyConnection] = []
+
+    def __repr__(self) -> str:
+        return f"Lake({str(self.root)!r}{', read_only=True' if self.read_only else ''})"
 
     @property
     def warehouse_path(self) -> Path:
@@ -154,6 +165,13 @@ class Lake:
         temporary.replace(self.root / SETTINGS_FILE)
 
     def _ensure_root(self) -> None:
+        """Every write to the lake passes here: create the folder, or refuse a read-only lake."""
+        if self.read_only:
+            raise XiciError(
+                "this lake was opened read-only",
+                where=str(self.root),
+                fix="open it for writing: xici.open(path, read_only=False)",
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -59,6 +59,11 @@ _DESCRIBING_PRAGMAS = frozenset(
 )
 
 
+def statement(query: str) -> str:
+    """The query as it is run: surrounding blanks and trailing semicolons taken off."""
+    return query.strip().rstrip(";").strip()
+
+
 def mentioned_relations(query: str) -> list[str]:
     """The token relations a query names (whole words, any case): only those are streamed from Zarr."""
     return [name for name in TOKEN_RELATIONS if re.search(rf"\b{name}\b", query, flags=re.IGNORECASE)]

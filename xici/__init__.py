@@ -1,10 +1,44 @@
 """xici: find which experts of a Mixture-of-Experts LLM hold a fact, from cross-lingual inconsistency.
 
+From Python (docs/python-api.md walks through it)::
+
+    import xici
+    with xici.open("xici-lake") as lake:           # read-only unless read_only=False
+        lake.sql("select lang, count(*) from sequences group by lang").df()
+        weights = lake.routing(seq_id=1)           # tokens x MoE layers x experts
+
 The subpackages are the rooms of the pipeline, and data flows one way through them:
 ``corpora`` (datasets, graders) -> ``recorder`` -> ``warehouse`` (the lake: Zarr + DuckDB) -> ``sql`` views
 -> ``analysis`` (expert sets) -> ``ablation`` -> reports. ``moe`` is the model registry shared by the
 recorder and the ablation runner; ``testbed`` builds the planted-knowledge world; ``cli`` is the ``xici``
-command.
+command, a thin layer over the functions here.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+from xici.errors import XiciError
+from xici.warehouse import Lake
+
+__all__ = ["Lake", "XiciError", "open"]
+
+
+def open(path: str | Path = "xici-lake", *, read_only: bool = True) -> Lake:
+    """Open the lake folder at ``path`` (the ``xici --lake`` folder) as a :class:`Lake`.
+
+    Read-only by default: queries, routing, tables and plots work, and anything that would write (recording,
+    analysing, importing) is refused. ``read_only=False`` allows writing and creates the folder on first
+    write. Use it in a ``with`` block, or call ``lake.close()``, so the relations ``lake.sql`` hands out
+    release the warehouse file (see :mod:`xici.notebook` for what a held file means to a recording).
+    """
+    lake = Lake(path, read_only=read_only)
+    if read_only and not lake.warehouse_path.exists():
+        raise XiciError(
+            "there is no lake here",
+            where=str(lake.root),
+            fix="give the folder xici wrote (xici --lake); xici.open(path, read_only=False) starts a new one",
+        )
+    return lake

@@ -1,0 +1,258 @@
+"""The Python API on a recorded lake of the shipped testbed: xici.open, sql, routing, tables, plots."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+import xici
+from xici.analysis.identify import analyze
+from xici.analysis.means import run_info
+from xici.analysis.params import resolve
+from xici.corpora.store import import_dataset
+from xici.recorder.run import RecordSpec, record
+from xici.testbed.train import shipped_testbed
+from xici.warehouse import Lake
+
+torch.set_num_threads(1)
+
+QUESTIONS = 10
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, int]:
+    """The testbed's first questions in all 12 languages, recorded twice (runs 1 and 2), and analysed."""
+    testbed = shipped_testbed()
+    lake = Lake(tmp_path_factory.mktemp("api") / "lake")
+    import_dataset(lake, "testbed", testbed.dataset, "jsonl")
+    model = str(testbed.checkpoint)
+    for new_tokens in (8, 6):
+        spec = RecordSpec(
+            model=model, dataset="testbed", limit=QUESTIONS, max_new_tokens=new_tokens, dtype="float32"
+        )
+        run_id = record(lake, spec, device="cpu", batch_size=32).run_id
+    info = lake.write(lambda con: run_info(con, 1))
+    (analysis,) = analyze(lake, 1, [resolve(None, info.n_moe_layers)])
+    return lake.root, run_id, analysis.analysis_id
+
+
+def plain(root: Path, query: str, params: list | None = None) -> list[tuple]:
+    """The same query with the plain duckdb module: the warehouse is an ordinary DuckDB file."""
+    con = duckdb.connect(str(root / "warehouse.duckdb"), read_only=True)
+    try:
+        return con.execute(query, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def test_open_refuses_a_folder_without_a_lake(tmp_path: Path) -> None:
+    with pytest.raises(xici.XiciError, match="there is no lake here"):
+        xici.open(tmp_path / "nothing")
+
+
+def test_sql_returns_relations_that_read_like_duckdb(recorded: tuple[Path, int, int]) -> None:
+    root, _, _ = recorded
+    query = "select lang, count(*) as n from sequences group by lang order by lang"
+    with xici.open(root) as lake:
+        relation = lake.sql(query + ";")
+        assert isinstance(relation, duckdb.DuckDBPyRelation)
+        assert relation.fetchall() == plain(root, query)
+        frame = lake.sql(query).df()
+        assert list(frame.columns) == ["lang", "n"] and frame["n"].sum() == 2 * 12 * QUESTIONS
+        table = lake.sql(
+            "select * from sequences where lang = ? and run_id = ?", params=["x-lang03", 1]
+        ).arrow()
+        assert table.read_all().num_rows == QUESTIONS
+
+
+def test_sql_streams_the_token_relations(recorded: tuple[Path, int, int]) -> None:
+    root, run_id, _ = recorded
+    [(tokens, layers, top_k)] = plain(
+        root,
+        "select sum(n_tokens), any_value(n_moe_layers), any_value(top_k) "
+        "from sequences join runs using (run_id) where run_id = ?",
+        [run_id],
+    )
+    with xici.open(root) as lake:
+        [(rows,)] = lake.sql("select count(*) from token_gates", runs=[run_id]).fetchall()
+        assert rows == tokens * layers * top_k
+
+
+def test_sql_cannot_write_the_lake(recorded: tuple[Path, int, int]) -> None:
+    root, _, _ = recorded
+    before = plain(root, "select count(*) from runs")
+    with xici.open(root) as lake:
+        with pytest.raises(xici.XiciError, match="the query failed"):
+            lake.sql("delete from runs")
+        with pytest.raises(xici.XiciError, match="read-only"):
+            lake.sql("create table scratch (x integer)")
+    assert plain(root, "select count(*) from runs") == before
+
+
+def test_relations_live_until_the_lake_is_closed(recorded: tuple[Path, int, int]) -> None:
+    root, _, _ = recorded
+    lake = xici.open(root)
+    relation = lake.sql("select count(*) from runs")
+    assert relation.fetchall() == [(2,)]
+    lake.close()
+    with pytest.raises(duckdb.ConnectionException):
+        relation.fetchall()
+    # Closed, the file is free for a writer in this process (DuckDB refuses one while a reader is open).
+    Lake(root).write(lambda con: con.execute("select 1").fetchall())
+
+
+def test_a_read_only_lake_refuses_writes(recorded: tuple[Path, int, int]) -> None:
+    root, _, _ = recorded
+    lake = xici.open(root)
+    with pytest.raises(xici.XiciError, match="opened read-only"):
+        lake.write(lambda con: con.execute("delete from grades"))
+    with pytest.raises(xici.XiciError, match="opened read-only"):
+        lake.gates()
+    assert plain(root, "select count(*) from grades")[0][0] > 0
+
+
+def test_tables_of_runs_analyses_and_experts(recorded: tuple[Path, int, int]) -> None:
+    root, run_id, analysis_id = recorded
+    with xici.open(root) as lake:
+        assert [r[0] for r in lake.runs().fetchall()] == [1, run_id]
+        analyses = lake.analyses().df()
+        assert analyses["analysis_id"].tolist() == [analysis_id]
+        assert (
+            analyses["mixed"].iloc[0]
+            == plain(root, "select count(*) from analysis_questions where outcome = 'mixed'")[0][0]
+        )
+        experts = lake.experts(analysis_id)
+        assert experts.column_names == ["question_id", "layer", "expert", "u", "p", "median_diff", "rank"]
+        stored = plain(
+            root,
+            "select question_id, layer, expert, rank from analysis_experts where analysis_id = ? "
+            "order by question_id, rank",
+            [analysis_id],
+        )
+        assert stored, "the testbed's questions should have experts"
+        assert [(r["question_id"], r["layer"], r["expert"], r["rank"]) for r in experts.to_pylist()] == stored
+        with pytest.raises(xici.XiciError, match="no analysis 99"):
+            lake.experts(99)
+        assert lake.metrics().num_rows == 0
+        assert lake.ablations().fetchall() == []
+
+
+def _sql_dense(root: Path, seq_id: int) -> np.ndarray:
+    """The sequence's dense routing rebuilt from the token_gates relation of xici sql's connection."""
+    layers, experts, tokens = plain(
+        root,
+        "select n_moe_layers, n_experts, n_tokens from sequences join runs using (run_id) where seq_id = ?",
+        [seq_id],
+    )[0]
+    with xici.open(root) as lake:
+        rows = lake.sql(
+            "select pos, layer, expert, weight from token_gates where seq_id = ?", params=[seq_id]
+        )
+        columns = rows.fetchnumpy()
+    dense = np.zeros((tokens, layers, experts), dtype=np.float32)
+    dense[columns["pos"], columns["layer"], columns["expert"]] = columns["weight"]
+    return dense
+
+
+def test_routing_is_dense_and_renormalised(recorded: tuple[Path, int, int]) -> None:
+    root, _, _ = recorded
+    with xici.open(root) as lake:
+        routing = lake.routing(seq_id=1)
+    weights = np.asarray(routing)
+    [(n_tokens, n_prompt, layers, experts, top_k)] = plain(
+        root,
+        "select n_tokens, n_prompt_tokens, n_moe_layers, n_experts, top_k from sequences "
+        "join runs using (run_id) where seq_id = 1",
+    )
+    assert weights.shape == (n_tokens, layers, experts)
+    assert ((weights > 0).sum(axis=2) == top_k).all()
+    # The testbed is a Qwen3-MoE with norm_topk_prob: each token's gates at each layer sum to 1 (float16).
+    np.testing.assert_allclose(weights.sum(axis=2), 1.0, atol=2e-3)
+    np.testing.assert_array_equal(weights, _sql_dense(root, 1))
+    assert routing.dims == ("pos", "layer", "expert")
+    assert int(routing["generated"].sum()) == n_tokens - n_prompt
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(shipped_testbed().checkpoint))
+    assert routing["token"].values.tolist() == tokenizer.convert_ids_to_tokens(
+        routing["token_id"].values.tolist()
+    )
+    assert (
+        routing.attrs["question_id"]
+        == plain(root, "select question_id from sequences where seq_id = 1")[0][0]
+    )
+
+
+def test_routing_by_question_and_language(recorded: tuple[Path, int, int]) -> None:
+    root, run_id, _ = recorded
+    [(seq_id, question_id)] = plain(
+        root,
+        "select seq_id, question_id from sequences where run_id = ? and lang = 'x-lang05' limit 1",
+        [run_id],
+    )
+    with xici.open(root) as lake:
+        named = lake.routing(run=run_id, question_id=question_id, lang="x-lang05")
+        np.testing.assert_array_equal(np.asarray(named), np.asarray(lake.routing(seq_id)))
+        with pytest.raises(xici.XiciError, match="give run= as well"):
+            lake.routing(question_id=question_id, lang="x-lang05")
+        with pytest.raises(xici.XiciError, match="no sequence seq_id 100000"):
+            lake.routing(seq_id=100000)
+        with pytest.raises(xici.XiciError, match="name one sequence"):
+            lake.routing()
+
+
+def test_plots(recorded: tuple[Path, int, int]) -> None:
+    root, _, analysis_id = recorded
+    with xici.open(root) as lake:
+        figure = lake.plot_routing(seq_id=1, layer=2)
+        [image] = figure.axes[0].get_images()
+        np.testing.assert_array_equal(image.get_array(), np.asarray(lake.routing(seq_id=1))[:, 2, :].T)
+        with pytest.raises(xici.XiciError, match="MoE layer 9"):
+            lake.plot_routing(seq_id=1, layer=9)
+        experts = lake.experts(analysis_id).to_pylist()
+        question = experts[0]["question_id"]
+        figure = lake.plot_expert_map(analysis_id, question)
+        [image] = figure.axes[0].get_images()
+        shown = np.asarray(image.get_array())
+        # Independently: delta = mean weight over the sequence's tokens minus its language's mean (Eq. 1-2).
+        langs = plain(
+            root, "select seq_id, lang, question_id from sequences where run_id = 1 order by seq_id"
+        )
+        means = {seq: np.asarray(lake.routing(seq_id=seq)).mean(axis=0) for seq, _, _ in langs}
+        mine = [(r["layer"], r["expert"]) for r in experts if r["question_id"] == question]
+        grades = dict(
+            plain(root, "select seq_id, correct from grades join sequences using (seq_id) where run_id = 1")
+        )
+        rows = sorted(
+            ((not grades[seq], lang, seq) for seq, lang, q in langs if q == question), key=lambda r: r[:2]
+        )
+        want = np.array(
+            [
+                [
+                    means[seq][layer, expert]
+                    - np.mean([means[s][layer, expert] for s, other, _ in langs if other == lang])
+                    for layer, expert in mine
+                ]
+                for _, lang, seq in rows
+            ]
+        )
+        np.testing.assert_allclose(shown, want, atol=1e-6)
+        with pytest.raises(xici.XiciError, match="has no experts"):
+            lake.plot_expert_map(analysis_id, "no-such-question")
+
+
+def test_routing_without_xarray_is_a_numpy_array(
+    recorded: tuple[Path, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _, _ = recorded
+    with xici.open(root) as lake:
+        labelled = np.asarray(lake.routing(seq_id=2))
+        monkeypatch.setitem(sys.modules, "xarray", None)  # what a lake without the notebook extra sees
+        plain_array = lake.routing(seq_id=2)
+    assert type(plain_array) is np.ndarray
+    np.testing.assert_array_equal(plain_array, labelled)
