@@ -94,8 +94,6 @@ class Lake(LakeReading):
         self.root = Path(root)
         self._identity: str | None = None
         self.read_only = read_only
-        # Connections behind the relations lake.sql has handed out; closed by close().
-        self._held: list[duckdb.DuckDBPyConnection] = []
 
     def __repr__(self) -> str:
         return f"Lake({str(self.root)!r}{', read_only=True' if self.read_only else ''})"
@@ -165,13 +163,15 @@ class Lake(LakeReading):
         temporary.replace(self.root / SETTINGS_FILE)
 
     def _ensure_root(self) -> None:
-        """Every write to the lake passes here: create the folder, or refuse a read-only lake."""
+        """Every write to the lake passes here: refuse a read-only lake, close the relations lake.sql handed
+        out in this process (DuckDB cannot write a file this process reads), create the folder."""
         if self.read_only:
             raise XiciError(
                 "this lake was opened read-only",
                 where=str(self.root),
                 fix="open it for writing: xici.open(path, read_only=False)",
             )
+        self.close()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

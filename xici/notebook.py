@@ -13,8 +13,8 @@ another process reads it: while a notebook holds a relation, a recording or abla
 waits at each commit for the file (up to five minutes, ``LOCK_WAIT_S`` in :mod:`xici.warehouse.lake`), then
 stops with an error saying the warehouse is held. Nothing is lost: close the lake and run the same command
 again, and it resumes where it stopped. The other methods (``routing``, ``experts``, ``metrics``, the plots)
-open a connection only for the call. Writing from the same process (``xici.record(lake, ...)``) closes the
-lake's relations first, as DuckDB cannot open a file for writing in a process that reads it.
+open a connection only for the call. Any write from the same process (``xici.record(...)``, an import)
+closes the lake's relations first, as DuckDB cannot open a file for writing in a process that reads it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from xici.warehouse import Lake, TokenArrays
+
+
+# Open connections behind relations, by warehouse file: a writer of this process must close them first.
+_HELD: dict[Path, list[duckdb.DuckDBPyConnection]] = {}
 
 
 class LakeReading:
@@ -73,13 +77,15 @@ class LakeReading:
         except duckdb.Error as exc:
             con.close()
             raise query_error(exc) from None
-        self._held.append(con)
+        _HELD.setdefault(self.warehouse_path.resolve(), []).append(con)
         return relation
 
     def close(self: Lake) -> None:
-        """Close the connections behind the relations :meth:`sql` handed out (they cannot be read after)."""
-        while self._held:
-            self._held.pop().close()
+        """Close the connections behind the relations :meth:`sql` handed out for this lake folder (by any
+        Lake object of this process); they cannot be read after."""
+        held = _HELD.pop(self.warehouse_path.resolve(), [])
+        while held:
+            held.pop().close()
 
     def __enter__(self: Lake) -> Lake:
         return self
