@@ -6,7 +6,8 @@ the condition and the seed. Its units are the recorded run's (question, language
 with experts, in the recorded order; batches are a fixed partition of them, and each batch is asked
 together with one expert mask per row (per-request deactivation through the recorder's :class:`Asker`:
 the recorded prompt, greedy decoding and max_new_tokens) and committed in one go with its routing and
-grades (the recorder's commit: :meth:`Lake.commit_sequences`, grades in the same transaction). Killing the
+grades (the recorder's commit: :meth:`Lake.commit_sequences`, grades in the same transaction), through the
+lifecycle recording uses too (:func:`xici.recorder.batches.run_batches`). Killing the
 process and running the same call again continues with the batches not yet committed; a finished run is
 left as it is.
 
@@ -29,7 +30,6 @@ all see the same sets. Warehouse accesses wait for another process's lock like t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -58,17 +58,12 @@ from xici.ablation.metrics import MetricsRow, metrics_rows, store_metrics
 from xici.analysis.means import ensure_means
 from xici.corpora.graders import get_grader
 from xici.errors import XiciError
+from xici.keys import stable_key
 from xici.moe import load_config, resolve
 from xici.recorder.asking import AskerSpec, Unit
-from xici.recorder.pool import Job, Pool, RayOptions, open_pool, placement, release
-from xici.recorder.run import (
-    BatchDone,
-    RecordSpec,
-    config_sha256,
-    library_versions,
-    load_units,
-    pending_batches,
-)
+from xici.recorder.batches import BatchDone, run_batches
+from xici.recorder.pool import Pool, RayOptions, open_pool, placement, release
+from xici.recorder.run import RecordSpec, config_sha256, library_versions, load_units
 from xici.warehouse import Lake
 
 #: Bump when a change alters what an ablation run asks or stores, so old runs are not resumed as new ones.
@@ -319,7 +314,7 @@ def _run_key(source: _Source, condition: str, seed: int | None, backend: str) ->
         "seed": seed,
         "backend": backend,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return stable_key(payload)
 
 
 def _params(
@@ -409,47 +404,47 @@ def _run(
     when all are in."""
     units, deactivation = source.units, source.deactivation
     run_id, created, assignments = _start(lake, source, plan, params)
-    lake.gates().create_run(
-        run_id,
-        n_layers=deactivation.n_layers,
-        top_k=deactivation.gate.top_k,
-        n_experts=deactivation.n_experts,
-        gate_dtype=params["gate_dtype"],
-    )
-    with lake.writing(run_id):
-        batches = pending_batches(lake, run_id, units, batch_size)
-        result = ConditionResult(plan.condition, plan.seed, run_id, created, len(units), batches.done_before)
-        masks = {a.question_id: deactivation.mask(a.pairs) for a in assignments}
-        jobs = [
-            Job(batch, pending, torch.from_numpy(np.stack([masks[u.question_id] for u in pending])))
-            for batch, pending in batches.pending[:max_batches]
-        ]
-        with contextlib.closing(pool.run(lake, run_id, jobs)) as committed:
-            for job in committed:
-                result.asked += len(job.units)
-                result.batches += 1
-                if on_batch is not None:
-                    units_done = result.done_before + result.asked
-                    n_batches, n_units = batches.n_batches, len(units)
-                    on_batch(
-                        plan.condition,
-                        BatchDone(run_id, job.batch, n_batches, units_done, n_units, len(job.units)),
-                    )
-        if len(jobs) < len(batches.pending):
-            return result
-        check = lake.retrying(lambda _: check_deactivation(lake, run_id))
+    masks = {a.question_id: deactivation.mask(a.pairs) for a in assignments}
+    check: list[DeactivationCheck] = []
+
+    def finishing() -> Callable[[duckdb.DuckDBPyConnection], None]:
+        """Check the stored routing; the check and the metrics land with the finished status."""
+        check.append(lake.retrying(lambda _: check_deactivation(lake, run_id)))
 
         def finish(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(
                 "update ablations set checked_tokens = ?, violations = ? where run_id = ?",
-                [check.checked_tokens, check.violations, run_id],
+                [check[0].checked_tokens, check[0].violations, run_id],
             )
             store_metrics(con, run_id)
-            con.execute(
-                "update runs set status = 'finished', finished_at = current_timestamp where run_id = ?",
-                [run_id],
-            )
 
-        lake.write(finish)
-        result.check = check
-        return result
+        return finish
+
+    done = run_batches(
+        lake,
+        run_id,
+        units,
+        pool,
+        batch_size=batch_size,
+        arrays={
+            "n_layers": deactivation.n_layers,
+            "top_k": deactivation.gate.top_k,
+            "n_experts": deactivation.n_experts,
+            "gate_dtype": params["gate_dtype"],
+        },
+        masks=lambda todo: torch.from_numpy(np.stack([masks[u.question_id] for u in todo])),
+        max_batches=max_batches,
+        on_batch=None if on_batch is None else lambda batch: on_batch(plan.condition, batch),
+        finishing=finishing,
+    )
+    return ConditionResult(
+        plan.condition,
+        plan.seed,
+        run_id,
+        created,
+        len(units),
+        done.done_before,
+        asked=done.asked,
+        batches=done.batches,
+        check=check[0] if done.finished else None,
+    )

@@ -15,15 +15,14 @@ Layer windows are half-open ranges of MoE-layer indices counted from 0, written 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from xici.analysis.mwu import METHODS as MWU_METHODS
 from xici.errors import XiciError
+from xici.keys import stable_key
 
 #: Bump when a change to the method changes the expert sets of the same data and parameters, so stored
 #: analyses are not reused for a different computation.
@@ -206,7 +205,7 @@ def expand(base: AnalysisParams, grid: dict[str, list[Any]], n_moe_layers: int) 
 def analysis_key(run_id: int, fingerprint: dict[str, Any], params: AnalysisParams) -> str:
     """sha256 of what decides the result: the method version, the run's data and the parameters."""
     payload = {"method": METHOD_VERSION, "run_id": run_id, "data": fingerprint, "params": params.as_dict()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return stable_key(payload)
 
 
 def param_names() -> list[str]:

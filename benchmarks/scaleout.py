@@ -51,9 +51,10 @@ import torch
 
 import xici.recorder.run as run_module
 from xici.corpora.store import import_dataset
+from xici.recorder.batches import BatchDone
 from xici.recorder.generator import resolve_device, resolve_dtype
 from xici.recorder.pool import RayOptions
-from xici.recorder.run import BatchDone, RecordSpec, record
+from xici.recorder.run import RecordSpec, record
 from xici.testbed.random_models import build_random_moe
 from xici.warehouse import Lake
 

@@ -7,6 +7,8 @@ recomputes exactly the batches it had not committed, with the same padding and n
 lake is the one an uninterrupted run leaves. The run key hashes everything that changes the recorded data;
 operational knobs (device, batch size, progress) are not in it, so re-running a command resumes its run.
 
+This module resolves what a recording is (:class:`RecordSpec`, its units, prompts and run key); asking and
+committing the batches is the lifecycle every batched run shares (:func:`~xici.recorder.batches.run_batches`).
 The batches are asked by a pool (:mod:`xici.recorder.pool`): this process, or workers on Ray, which write
 the same lake. Either asks through either backend (transformers or vLLM); the backend is part of the run
 key, the engine's and the pool's operational settings are only stored in the run's params.
@@ -29,9 +31,12 @@ import torch
 
 from xici.corpora.graders import Grader, get_grader
 from xici.errors import XiciError
+from xici.keys import stable_key
+from xici.moe.base import MoELayout
 from xici.recorder.asking import AskerSpec, Unit
+from xici.recorder.batches import BatchDone, run_batches
 from xici.recorder.generator import load_tokenizer, resolve_dtype
-from xici.recorder.pool import Job, RayOptions, open_pool, placement, release
+from xici.recorder.pool import RayOptions, open_pool, placement, release
 from xici.recorder.prompting import DEFAULT_SYSTEM, Prompt, PromptFormat
 from xici.warehouse import Lake
 from xici.warehouse.gates import GATE_DTYPES
@@ -211,44 +216,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-@dataclass(frozen=True)
-class BatchDone:
-    """Progress report after each committed batch."""
-
-    run_id: int
-    batch: int
-    n_batches: int
-    units_done: int
-    n_units: int
-    n_new: int
-
-
-@dataclass(frozen=True)
-class Batches:
-    """What is left of a run: its fixed batches that still hold uncommitted units."""
-
-    done_before: int
-    n_batches: int
-    pending: list[tuple[int, list[Unit]]]  # (batch index, its units not yet committed)
-
-
-def pending_batches(lake: Lake, run_id: int, units: Sequence[Unit], batch_size: int) -> Batches:
-    """Cut off tokens no row points at, then split the units into the run's fixed batches.
-
-    Batches are always ``[i * batch_size, (i + 1) * batch_size)`` of the unit order, so a resumed run
-    recomputes exactly the batches (same padding, same numerics) an uninterrupted run would have. Recording
-    and ablation both go through here; call it while holding :meth:`Lake.writing`.
-    """
-    done = lake.retrying(lambda _: lake.resume(run_id))
-    n_batches = -(-len(units) // batch_size)
-    pending = []
-    for batch in range(n_batches):
-        todo = [u for u in units[batch * batch_size : (batch + 1) * batch_size] if u.index not in done]
-        if todo:
-            pending.append((batch, todo))
-    return Batches(len(done), n_batches, pending)
-
-
 @dataclass
 class RecordResult:
     """What a call to :func:`record` did."""
@@ -292,6 +259,60 @@ def record(
     config = load_config(spec.model)
     layout = resolve(config).layout(config)
     device = placement(device, ray, spec.backend, engine_options)
+    plan = _plan(lake, spec, device, config, layout)
+    plan.params.update(
+        device=device, batch_size=batch_size, grader_options=grader_options, grader_version=grader.version
+    )
+    spec, units = plan.spec, plan.units
+
+    existing = lake.read(lambda con: _existing_run(con, plan.run_key, grader))
+    if existing is not None and existing[1] == "finished":
+        release(ray)
+        return RecordResult(existing[0], False, len(units), len(units), already_finished=True)
+    asking = spec.asker(device, grader_options=grader_options, engine_options=engine_options)
+    with contextlib.closing(open_pool(asking, ray, lake)) as pool:
+        params = {**plan.params, "engine": pool.metadata}
+        run_id, created = lake.write(
+            lambda con: lake.get_or_create_run(
+                con,
+                plan.run_key,
+                kind="record",
+                dataset=spec.dataset,
+                model=spec.model,
+                model_config_hash=params["model_config_sha256"],
+                architecture=layout.architecture,
+                backend=spec.backend,
+                n_moe_layers=layout.n_moe_layers,
+                n_experts=layout.n_experts,
+                top_k=layout.top_k,
+                params=params,
+                versions=library_versions(),
+                n_units=len(units),
+            ),
+        )
+        arrays = {
+            "n_layers": layout.n_moe_layers,
+            "top_k": layout.top_k,
+            "n_experts": layout.n_experts,
+            "gate_dtype": spec.gate_dtype,
+            "store_logits": spec.store_logits,
+        }
+        done = run_batches(lake, run_id, units, pool, batch_size=batch_size, arrays=arrays, on_batch=on_batch)
+    return RecordResult(run_id, created, len(units), done.done_before, recorded=done.asked)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A recording resolved before anything is loaded or written: its spec as stored, units, key, params."""
+
+    spec: RecordSpec
+    units: list[Unit]
+    run_key: str
+    params: dict[str, Any]
+
+
+def _plan(lake: Lake, spec: RecordSpec, device: str, config: Any, layout: MoELayout) -> _Plan:
+    """Check the dataset, encode every prompt, and key the run on what changes its data."""
     units = lake.read(lambda con: load_units(con, spec.dataset, spec.languages, spec.limit))
     lake.gates()  # refuse another lake's gate store before anything is written
     tokenizer = load_tokenizer(spec.model)
@@ -308,72 +329,14 @@ def record(
         "model_config_sha256": config_sha256(config),
         "prompts_sha256": prompts_sha256(units, prompts),
     }
-    run_key = hashlib.sha256(
-        json.dumps({"kind": "record", **{k: params[k] for k in _DEFINING}}, sort_keys=True).encode()
-    ).hexdigest()
+    run_key = stable_key({"kind": "record", **{k: params[k] for k in _DEFINING}})
     params.update(
-        device=device,
-        batch_size=batch_size,
         moe_layers=list(layout.moe_layers),
         n_layers=layout.n_layers,
         n_shared_experts=layout.n_shared_experts,
         gating=layout.gating,
-        grader_options=grader_options,
-        grader_version=grader.version,
     )
-
-    existing = lake.read(lambda con: _existing_run(con, run_key, grader))
-    if existing is not None and existing[1] == "finished":
-        release(ray)
-        return RecordResult(existing[0], False, len(units), len(units), already_finished=True)
-    asking = spec.asker(device, grader_options=grader_options, engine_options=engine_options)
-    pool = open_pool(asking, ray, lake)
-    with contextlib.closing(pool):
-        params["engine"] = pool.metadata
-        run_id, created = lake.write(
-            lambda con: lake.get_or_create_run(
-                con,
-                run_key,
-                kind="record",
-                dataset=spec.dataset,
-                model=spec.model,
-                model_config_hash=params["model_config_sha256"],
-                architecture=layout.architecture,
-                backend=spec.backend,
-                n_moe_layers=layout.n_moe_layers,
-                n_experts=layout.n_experts,
-                top_k=layout.top_k,
-                params=params,
-                versions=library_versions(),
-                n_units=len(units),
-            ),
-        )
-        lake.gates().create_run(
-            run_id,
-            n_layers=layout.n_moe_layers,
-            top_k=layout.top_k,
-            n_experts=layout.n_experts,
-            gate_dtype=spec.gate_dtype,
-            store_logits=spec.store_logits,
-        )
-        with lake.writing(run_id):
-            batches = pending_batches(lake, run_id, units, batch_size)
-            result = RecordResult(run_id, created, len(units), batches.done_before)
-            jobs = [Job(batch, pending) for batch, pending in batches.pending]
-            with contextlib.closing(pool.run(lake, run_id, jobs)) as committed:
-                for job in committed:
-                    result.recorded += len(job.units)
-                    if on_batch is not None:
-                        units_done = result.done_before + result.recorded
-                        n_batches, n_units = batches.n_batches, len(units)
-                        on_batch(BatchDone(run_id, job.batch, n_batches, units_done, n_units, len(job.units)))
-            lake.write(
-                lambda con: con.execute(
-                    "update runs set status = 'finished', finished_at = current_timestamp where run_id = ?",
-                    [run_id],
-                )
-            )
-            return result
+    return _Plan(spec, units, run_key, params)
 
 
 def _existing_run(con: duckdb.DuckDBPyConnection, run_key: str, grader: Grader) -> tuple[int, str] | None:

@@ -28,7 +28,6 @@ Everything is drawn from seeded generators (the world from ``seed``, each batch 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ import pyarrow as pa
 from xici import __version__
 from xici.analysis.params import default_window
 from xici.errors import XiciError
+from xici.keys import stable_key
 from xici.warehouse import Lake, TokenArrays
 from xici.warehouse.gates import expert_id_dtype
 
@@ -112,7 +112,7 @@ class SyntheticSpec:
 
     def key(self) -> str:
         """The run key: a hash of the whole spec, so the same spec is the same run."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        return stable_key(asdict(self))
 
 
 @dataclass(frozen=True)

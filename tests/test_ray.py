@@ -37,8 +37,9 @@ from xici.analysis.identify import analyze
 from xici.analysis.params import resolve
 from xici.cli.main import cli
 from xici.corpora.store import import_dataset
+from xici.recorder.batches import BatchDone
 from xici.recorder.pool import RayOptions
-from xici.recorder.run import BatchDone, RecordSpec, record
+from xici.recorder.run import RecordSpec, record
 from xici.testbed.train import shipped_testbed
 from xici.warehouse import Lake
 
