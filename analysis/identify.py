@@ -181,6 +181,22 @@ def data_fingerprint(con: duckdb.DuckDBPyConnection, info: RunInfo, grader: str)
     return {"n_sequences": info.n_sequences, "n_tokens": info.n_tokens, "grades_md5": digest}
 
 
+def changed_analyses(con: duckdb.DuckDBPyConnection) -> list[tuple[int, int]]:
+    """(analysis_id, run_id) of the stored analyses whose inputs changed since: the run's sequences or
+    grades now give another key (or the method version did), or the run is gone. For ``xici lake check``."""
+    rows = con.execute("select analysis_id, analysis_key, run_id, grader, params from analyses order by 1")
+    changed = []
+    for analysis_id, key, run_id, grader, params in rows.fetchall():
+        try:
+            fingerprint = data_fingerprint(con, run_info(con, run_id), grader)
+        except XiciError:  # the run is gone or has no sequences
+            changed.append((analysis_id, run_id))
+            continue
+        if analysis_key(run_id, fingerprint, json.loads(params)) != key:
+            changed.append((analysis_id, run_id))
+    return changed
+
+
 def analyze(lake: Lake, run_id: int, points: list[AnalysisParams]) -> list[AnalysisRecord]:
     """Analyses of a run for each parameter point, reusing the stored ones with the same key."""
     with lake.transaction() as con:

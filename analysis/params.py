@@ -202,9 +202,11 @@ def expand(base: AnalysisParams, grid: dict[str, list[Any]], n_moe_layers: int) 
     return points
 
 
-def analysis_key(run_id: int, fingerprint: dict[str, Any], params: AnalysisParams) -> str:
-    """sha256 of what decides the result: the method version, the run's data and the parameters."""
-    payload = {"method": METHOD_VERSION, "run_id": run_id, "data": fingerprint, "params": params.as_dict()}
+def analysis_key(run_id: int, fingerprint: dict[str, Any], params: AnalysisParams | dict[str, Any]) -> str:
+    """sha256 of what decides the result: the method version, the run's data and the parameters (as stored
+    in ``analyses.params``, or the dataclass)."""
+    values = params.as_dict() if isinstance(params, AnalysisParams) else params
+    payload = {"method": METHOD_VERSION, "run_id": run_id, "data": fingerprint, "params": values}
     return stable_key(payload)
 
 

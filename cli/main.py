@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "demo": "demo:demo",
     "export": "export:export",
     "grade": "grade:grade",
+    "lake": "lake:lake",
     "record": "record:record",
     "report": "report:report",
     "runs": "runs:runs",

@@ -169,3 +169,76 @@ def test_a_recreated_warehouse_does_not_write_into_the_old_store(lake: Lake) -> 
     with pytest.raises(XiciError, match="holds runs 1 that this lake's warehouse does not know"):
         write_synthetic_lake(Lake(lake.root), SPEC)
     assert gate_files(lake.zarr_path) == unowned
+
+
+def check(lake: Lake) -> tuple[int, dict[str, tuple[str, str]]]:
+    """Exit code of xici lake check and its table: {check: (ok | FAIL, what was found)}."""
+    result = CliRunner().invoke(cli, ["--lake", str(lake.root), "lake", "check"], env={"COLUMNS": "400"})
+    assert "Traceback" not in result.output
+    rows = {}
+    for line in result.output.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 3 and cells[0]:
+            rows[cells[0]] = (cells[1], cells[2])
+    return result.exit_code, rows
+
+
+def test_lake_check_passes_an_intact_lake_and_changes_nothing(lake: Lake) -> None:
+    assert xici(lake.root, "analyze", "--run", "1").exit_code == 0
+    before = gate_files(lake.root)
+    code, rows = check(lake)
+    assert code == 0, rows
+    assert list(rows) == ["schema", "identity", "tokens", "orphans", "running", "analyses"]
+    assert all(status == "ok" for status, _ in rows.values())
+    n = lake.read(lambda con: con.execute("select count(*), sum(n_tokens) from sequences").fetchall()[0])
+    assert rows["tokens"][1].startswith(
+        f"{n[0]:,} sequences, {n[1]:,} tokens: every chunk present and intact"
+    )
+    assert lake.identity() in rows["identity"][1]
+    assert gate_files(lake.root) == before  # warehouse and gate store untouched
+
+
+def test_lake_check_finds_damage(lake: Lake) -> None:
+    chunk(lake, "topk_weights", 1).unlink()
+    garbage = chunk(lake, "token_ids", 3)
+    garbage.write_bytes(os.urandom(garbage.stat().st_size))
+    code, rows = check(lake)
+    assert code == 1 and rows["tokens"][0] == "FAIL"
+    first, *_, last = sequences_in(lake, 4096, 8192)
+    assert f"topk_weights, tokens 4096-8191 (seq_id {first}-{last}): chunk 1 is missing" in rows["tokens"][1]
+    assert (
+        "token_ids, tokens 12288-" in rows["tokens"][1] and "chunk 3 fails its checksum" in rows["tokens"][1]
+    )
+    assert [name for name, (status, _) in rows.items() if status == "FAIL"] == ["tokens"]
+
+
+def test_lake_check_finds_orphans_runs_left_running_and_changed_analyses(lake: Lake) -> None:
+    assert xici(lake.root, "analyze", "--run", "1").exit_code == 0
+    store = lake.gates()
+    store.append(1, store.read(1, 0, 3))  # tokens no sequence row points at
+    store.create_run(9, n_layers=SPEC.n_layers, top_k=SPEC.top_k, n_experts=SPEC.n_experts)
+    with lake.transaction() as con:
+        con.execute("update grades set correct = not correct where seq_id = 1")
+        con.execute("update runs set status = 'running'")
+    code, rows = check(lake)
+    assert code == 1
+    assert "run 9: token arrays of no run of this warehouse" in rows["orphans"][1]
+    assert "left running: run 1 (record, 144 of 144 units)" in rows["running"][1]
+    assert rows["analyses"] == ("FAIL", "analysis 1 (run 1): analyse the run again")
+    with lake.writing(1):  # a run being written now is not left running
+        assert "being written now: run 1" in check(lake)[1]["running"][1]
+    with lake.transaction() as con:
+        con.execute("update runs set status = 'finished'")
+    assert "run 1: 3 tokens past the committed ones" in check(lake)[1]["orphans"][1]
+
+
+def test_lake_check_names_the_runs_of_another_lakes_store(lake: Lake) -> None:
+    lake.warehouse_path.unlink()
+    write_synthetic_lake(Lake(lake.root / "scratch"), SPEC)  # any warehouse: a new id
+    shutil.copy(lake.root / "scratch" / "warehouse.duckdb", lake.warehouse_path)
+    code, rows = check(lake)
+    assert code == 1 and rows["identity"][0] == "FAIL"
+    assert "belongs to lake" in rows["identity"][1]
+    tokens = GateStore(lake.zarr_path, read_only=True).length(1)
+    assert f"it holds runs 1 ({tokens:,} tokens)" in rows["identity"][1]
+    assert rows["tokens"] == ("FAIL", "not checked: the gate store is not this lake's")

@@ -83,11 +83,12 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
     return len(known)
 
 
-def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(path: Path, *, read_only: bool = False, migrating: bool = True) -> duckdb.DuckDBPyConnection:
     """Open the warehouse file, migrating it first when opened for writing.
 
     DuckDB lets one process write a file at a time; a second writer gets a clear error instead of a lock
-    traceback.
+    traceback. ``migrating=False`` opens a read-only connection on the file as it is, at whatever schema
+    version (``xici lake check`` changes nothing).
     """
     if read_only and not path.exists():
         raise XiciError(
@@ -101,7 +102,7 @@ def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection
         raise _open_error(path, exc) from None
     if not read_only:
         migrate(con)
-    elif schema_version(con) < len(migrations()):
+    elif migrating and schema_version(con) < len(migrations()):
         con.close()
         # A read-only connection cannot migrate: open once for writing to bring the file up to date.
         connect(path).close()

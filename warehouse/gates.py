@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import google_crc32c
 import numpy as np
 import zarr
+import zarr.abc.store
+import zarr.core.buffer
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
@@ -154,7 +157,7 @@ class DamagedGates(XiciError):
         first, last = self.tokens[0], self.tokens[1] - 1
         return (
             f"the token arrays of {of} are damaged: {self.field}, tokens {first}-{last}{sequences}: "
-            f"{self.problem}; nothing was read from them"
+            f"{self.problem}"
         )
 
     def naming(self, sequences: str) -> DamagedGates:
@@ -373,14 +376,50 @@ class GateStore:
     @staticmethod
     def _chunks_exist(array: zarr.Array, chunks: range) -> list[bool]:
         """Whether each chunk (an index on the token axis) of an array has been written to the store."""
-        tail = (0,) * (array.ndim - 1)
-        keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((i, *tail))}" for i in chunks]
         store = array.store_path.store
 
         async def exist() -> list[bool]:
-            return list(await asyncio.gather(*(store.exists(key) for key in keys)))
+            return list(await asyncio.gather(*(store.exists(key) for key in _chunk_keys(array, chunks))))
 
         return sync(exist())
+
+    def has_checksums(self, run_id: int, shard: Shard = None) -> bool:
+        """Whether every array of a run (or shard) carries chunk checksums (newer arrays all do)."""
+        group = self._group(run_id, shard)
+        return all(
+            isinstance(group[name].metadata.codecs[-1], Crc32cCodec) for name in self.fields(run_id, shard)
+        )
+
+    def verify(
+        self, run_id: int, stop: int, shard: Shard = None, *, progress: Callable[[int], None] | None = None
+    ) -> Iterator[DamagedGates]:
+        """Every damaged chunk among the first ``stop`` tokens of a run's (or shard's) arrays.
+
+        A chunk with a checksum is read as stored and its checksum computed, without decompressing it; one
+        without (arrays written before checksums) is decoded. For ``xici lake check``: reads are verified
+        anyway, this finds all damage at once. ``progress(tokens)`` is called as each array's tokens are
+        checked.
+        """
+        group = self._group(run_id, shard)
+        store = self._root.store
+        for name in self.fields(run_id, shard):
+            array = group[name]
+            where = f"{self.location}/{self._key(run_id, shard)}/{name}"
+            length, size = array.shape[0], array.chunks[0]
+            if stop > length:
+                problem = f"the array ends at token {length}, before the committed tokens do"
+                yield DamagedGates(run_id, shard, name, (length, stop), problem, where)
+            checksum = isinstance(array.metadata.codecs[-1], Crc32cCodec)
+            n_chunks = -(-min(stop, length) // size)
+            for first in range(0, n_chunks, _CHUNKS_PER_CHECK):
+                chunks = range(first, min(first + _CHUNKS_PER_CHECK, n_chunks))
+                for index, blob in zip(chunks, _stored_bytes(store, _chunk_keys(array, chunks)), strict=True):
+                    tokens = (index * size, min((index + 1) * size, length))
+                    problem = _chunk_problem(array, blob, tokens, checksum)
+                    if problem is not None:
+                        yield DamagedGates(run_id, shard, name, tokens, f"chunk {index} {problem}", where)
+                if progress is not None:
+                    progress(min(chunks.stop * size, stop) - chunks.start * size)
 
     def read_sequences(
         self,
@@ -418,7 +457,7 @@ class GateStore:
                     hit = which[(starts[which] < exc.tokens[1]) & (ends > exc.tokens[0])]
                     names = hit if seq_ids is None else seq_ids[hit]
                     label = "sequences" if seq_ids is None else "seq_id"
-                    raise exc.naming(f"{label} {_ranges(names)}") from None
+                    raise exc.naming(f"{label} {id_ranges(names)}") from None
                 keep = np.repeat(starts[which] - lo, lengths[which]) + sequence_positions(lengths[which])
                 yield (
                     which,
@@ -439,7 +478,45 @@ class GateStore:
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def _ranges(values: np.ndarray) -> str:
+# Chunks fetched together by GateStore.verify (concurrently, on an object store).
+_CHUNKS_PER_CHECK = 64
+
+
+def _chunk_keys(array: zarr.Array, chunks: range) -> list[str]:
+    """Store keys of chunks of an array (indices on the token axis)."""
+    tail = (0,) * (array.ndim - 1)
+    return [f"{array.store_path.path}/{array.metadata.encode_chunk_key((i, *tail))}" for i in chunks]
+
+
+def _stored_bytes(store: zarr.abc.store.Store, keys: list[str]) -> list[bytes | None]:
+    """The bytes stored under each key (None where there is none)."""
+    prototype = zarr.core.buffer.default_buffer_prototype()
+
+    async def get() -> list[bytes | None]:
+        found = await asyncio.gather(*(store.get(key, prototype=prototype) for key in keys))
+        return [None if buffer is None else buffer.to_bytes() for buffer in found]
+
+    return sync(get())
+
+
+def _chunk_problem(
+    array: zarr.Array, blob: bytes | None, tokens: tuple[int, int], checksum: bool
+) -> str | None:
+    """What is wrong with a stored chunk (None: nothing): missing, a failed checksum, or no decoding."""
+    if blob is None:
+        return "is missing"
+    if checksum:
+        if len(blob) < 4 or google_crc32c.value(blob[:-4]) != int.from_bytes(blob[-4:], "little"):
+            return "fails its checksum"
+        return None
+    try:
+        array[tokens[0] : tokens[1]]
+    except (ValueError, RuntimeError, TypeError) as exc:
+        return f"does not decode ({exc})"
+    return None
+
+
+def id_ranges(values: np.ndarray) -> str:
     """Integers as short ranges: ``3-7, 9``."""
     values = np.unique(np.asarray(values, dtype=np.int64))
     breaks = np.flatnonzero(np.diff(values) != 1) + 1

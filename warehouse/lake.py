@@ -208,7 +208,7 @@ class Lake(LakeReading):
         Without it two writers would both compute the missing batches and the loser of each commit would fail
         on a duplicate. The lock is an OS file lock: a killed writer releases it with its process.
         """
-        path = self.root / "locks" / f"run-{run_id}.lock"
+        path = self._lock_path(run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as handle:
             try:
@@ -224,6 +224,23 @@ class Lake(LakeReading):
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _lock_path(self, run_id: int) -> Path:
+        return self.root / "locks" / f"run-{run_id}.lock"
+
+    def is_being_written(self, run_id: int) -> bool:
+        """Whether a process holds the run for writing now (:meth:`writing`); creates no file."""
+        try:
+            handle = self._lock_path(run_id).open("r")
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
     def retrying(self, action: Callable[[int], T]) -> T:
         """Run ``action(attempt)`` on the warehouse, again while another process holds its file lock.
