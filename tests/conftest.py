@@ -34,3 +34,42 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return built[key]
 
     return build
+
+
+#: Questions of the shipped testbed in ``testbed_lake`` (each in all 12 languages).
+TESTBED_QUESTIONS = 10
+
+
+@pytest.fixture(scope="session")
+def testbed_lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, int]:
+    """A lake of the shipped testbed: its first questions in all languages recorded twice (runs 1 and 2, with
+    8 and 6 new tokens) and run 1 analysed with the defaults; returns (lake folder, run 2, the analysis).
+
+    Shared by the tests of the Python API and of the plain DuckDB CLI; read-only by convention.
+    """
+    import torch
+
+    from xici.analysis.identify import analyze
+    from xici.analysis.means import run_info
+    from xici.analysis.params import resolve
+    from xici.corpora.store import import_dataset
+    from xici.recorder.run import RecordSpec, record
+    from xici.testbed.train import shipped_testbed
+    from xici.warehouse import Lake
+
+    torch.set_num_threads(1)
+    testbed = shipped_testbed()
+    lake = Lake(tmp_path_factory.mktemp("testbed") / "lake")
+    import_dataset(lake, "testbed", testbed.dataset, "jsonl")
+    for new_tokens in (8, 6):
+        spec = RecordSpec(
+            model=str(testbed.checkpoint),
+            dataset="testbed",
+            limit=TESTBED_QUESTIONS,
+            max_new_tokens=new_tokens,
+            dtype="float32",
+        )
+        run_id = record(lake, spec, device="cpu", batch_size=32).run_id
+    info = lake.write(lambda con: run_info(con, 1))
+    (analysis,) = analyze(lake, 1, [resolve(None, info.n_moe_layers)])
+    return lake.root, run_id, analysis.analysis_id

@@ -11,36 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TESTBED_QUESTIONS as QUESTIONS
 
 import xici
-from xici.analysis.identify import analyze
-from xici.analysis.means import run_info
-from xici.analysis.params import resolve
-from xici.corpora.store import import_dataset
-from xici.recorder.run import RecordSpec, record
 from xici.testbed.train import shipped_testbed
 from xici.warehouse import Lake
 
 torch.set_num_threads(1)
-
-QUESTIONS = 10
-
-
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, int]:
-    """The testbed's first questions in all 12 languages, recorded twice (runs 1 and 2), and analysed."""
-    testbed = shipped_testbed()
-    lake = Lake(tmp_path_factory.mktemp("api") / "lake")
-    import_dataset(lake, "testbed", testbed.dataset, "jsonl")
-    model = str(testbed.checkpoint)
-    for new_tokens in (8, 6):
-        spec = RecordSpec(
-            model=model, dataset="testbed", limit=QUESTIONS, max_new_tokens=new_tokens, dtype="float32"
-        )
-        run_id = record(lake, spec, device="cpu", batch_size=32).run_id
-    info = lake.write(lambda con: run_info(con, 1))
-    (analysis,) = analyze(lake, 1, [resolve(None, info.n_moe_layers)])
-    return lake.root, run_id, analysis.analysis_id
 
 
 def plain(root: Path, query: str, params: list | None = None) -> list[tuple]:
@@ -57,8 +34,8 @@ def test_open_refuses_a_folder_without_a_lake(tmp_path: Path) -> None:
         xici.open(tmp_path / "nothing")
 
 
-def test_sql_returns_relations_that_read_like_duckdb(recorded: tuple[Path, int, int]) -> None:
-    root, _, _ = recorded
+def test_sql_returns_relations_that_read_like_duckdb(testbed_lake: tuple[Path, int, int]) -> None:
+    root, _, _ = testbed_lake
     query = "select lang, count(*) as n from sequences group by lang order by lang"
     with xici.open(root) as lake:
         relation = lake.sql(query + ";")
@@ -72,8 +49,8 @@ def test_sql_returns_relations_that_read_like_duckdb(recorded: tuple[Path, int, 
         assert table.read_all().num_rows == QUESTIONS
 
 
-def test_sql_streams_the_token_relations(recorded: tuple[Path, int, int]) -> None:
-    root, run_id, _ = recorded
+def test_sql_streams_the_token_relations(testbed_lake: tuple[Path, int, int]) -> None:
+    root, run_id, _ = testbed_lake
     [(tokens, layers, top_k)] = plain(
         root,
         "select sum(n_tokens), any_value(n_moe_layers), any_value(top_k) "
@@ -85,8 +62,8 @@ def test_sql_streams_the_token_relations(recorded: tuple[Path, int, int]) -> Non
         assert rows == tokens * layers * top_k
 
 
-def test_sql_cannot_write_the_lake(recorded: tuple[Path, int, int]) -> None:
-    root, _, _ = recorded
+def test_sql_cannot_write_the_lake(testbed_lake: tuple[Path, int, int]) -> None:
+    root, _, _ = testbed_lake
     before = plain(root, "select count(*) from runs")
     with xici.open(root) as lake:
         with pytest.raises(xici.XiciError, match="refuses DELETE"):
@@ -96,8 +73,10 @@ def test_sql_cannot_write_the_lake(recorded: tuple[Path, int, int]) -> None:
     assert plain(root, "select count(*) from runs") == before
 
 
-def test_sql_reads_the_users_own_files_where_allowed(recorded: tuple[Path, int, int], tmp_path: Path) -> None:
-    root, _, _ = recorded
+def test_sql_reads_the_users_own_files_where_allowed(
+    testbed_lake: tuple[Path, int, int], tmp_path: Path
+) -> None:
+    root, _, _ = testbed_lake
     mine = tmp_path / "langs.parquet"
     pq.write_table(pa.table({"lang": ["x-lang00", "x-lang01"], "family": ["a", "b"]}), mine)
     query = "select family, count(*) from sequences join read_parquet(?) using (lang) group by 1 order by 1"
@@ -110,8 +89,8 @@ def test_sql_reads_the_users_own_files_where_allowed(recorded: tuple[Path, int, 
             lake.sql(query, params=[str(mine)])
 
 
-def test_relations_live_until_the_lake_is_closed(recorded: tuple[Path, int, int]) -> None:
-    root, _, _ = recorded
+def test_relations_live_until_the_lake_is_closed(testbed_lake: tuple[Path, int, int]) -> None:
+    root, _, _ = testbed_lake
     lake = xici.open(root)
     relation = lake.sql("select count(*) from runs")
     assert relation.fetchall() == [(2,)]
@@ -125,8 +104,8 @@ def test_relations_live_until_the_lake_is_closed(recorded: tuple[Path, int, int]
         held.fetchall()
 
 
-def test_a_read_only_lake_refuses_writes(recorded: tuple[Path, int, int]) -> None:
-    root, _, _ = recorded
+def test_a_read_only_lake_refuses_writes(testbed_lake: tuple[Path, int, int]) -> None:
+    root, _, _ = testbed_lake
     lake = xici.open(root)
     with pytest.raises(xici.XiciError, match="opened read-only"):
         lake.write(lambda con: con.execute("delete from grades"))
@@ -135,8 +114,8 @@ def test_a_read_only_lake_refuses_writes(recorded: tuple[Path, int, int]) -> Non
     assert plain(root, "select count(*) from grades")[0][0] > 0
 
 
-def test_tables_of_runs_analyses_and_experts(recorded: tuple[Path, int, int]) -> None:
-    root, run_id, analysis_id = recorded
+def test_tables_of_runs_analyses_and_experts(testbed_lake: tuple[Path, int, int]) -> None:
+    root, run_id, analysis_id = testbed_lake
     with xici.open(root) as lake:
         assert [r[0] for r in lake.runs().fetchall()] == [1, run_id]
         analyses = lake.analyses().df()
@@ -178,8 +157,8 @@ def _sql_dense(root: Path, seq_id: int) -> np.ndarray:
     return dense
 
 
-def test_routing_is_dense_and_renormalised(recorded: tuple[Path, int, int]) -> None:
-    root, _, _ = recorded
+def test_routing_is_dense_and_renormalised(testbed_lake: tuple[Path, int, int]) -> None:
+    root, _, _ = testbed_lake
     with xici.open(root) as lake:
         routing = lake.routing(seq_id=1)
     weights = np.asarray(routing)
@@ -207,8 +186,8 @@ def test_routing_is_dense_and_renormalised(recorded: tuple[Path, int, int]) -> N
     )
 
 
-def test_routing_by_question_and_language(recorded: tuple[Path, int, int]) -> None:
-    root, run_id, _ = recorded
+def test_routing_by_question_and_language(testbed_lake: tuple[Path, int, int]) -> None:
+    root, run_id, _ = testbed_lake
     [(seq_id, question_id)] = plain(
         root,
         "select seq_id, question_id from sequences where run_id = ? and lang = 'x-lang05' limit 1",
@@ -225,8 +204,8 @@ def test_routing_by_question_and_language(recorded: tuple[Path, int, int]) -> No
             lake.routing()
 
 
-def test_plots(recorded: tuple[Path, int, int]) -> None:
-    root, _, analysis_id = recorded
+def test_plots(testbed_lake: tuple[Path, int, int]) -> None:
+    root, _, analysis_id = testbed_lake
     with xici.open(root) as lake:
         figure = lake.plot_routing(seq_id=1, layer=2)
         [image] = figure.axes[0].get_images()
@@ -266,9 +245,9 @@ def test_plots(recorded: tuple[Path, int, int]) -> None:
 
 
 def test_routing_without_xarray_is_a_numpy_array(
-    recorded: tuple[Path, int, int], monkeypatch: pytest.MonkeyPatch
+    testbed_lake: tuple[Path, int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root, _, _ = recorded
+    root, _, _ = testbed_lake
     with xici.open(root) as lake:
         labelled = np.asarray(lake.routing(seq_id=2))
         monkeypatch.setitem(sys.modules, "xarray", None)  # what a lake without the notebook extra sees

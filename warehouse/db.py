@@ -17,6 +17,11 @@ import duckdb
 from xici import __version__
 from xici.errors import XiciError
 
+#: The storage format warehouses are created in. DuckDB 2.0 writes its own format (storage version 69) by
+#: default, which the DuckDB 1.x CLIs people have installed (``pip install duckdb-cli``: 1.5) refuse to read;
+#: the 1.4 format is read by DuckDB 1.4 and later, 2.0 included, and holds everything the warehouse needs.
+STORAGE_VERSION = "v1.4.0"
+
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -97,6 +102,8 @@ def connect(path: Path, *, read_only: bool = False, migrating: bool = True) -> d
             fix="import a dataset first (xici datasets import ...), or pass the right --lake",
         )
     try:
+        if not read_only and not path.exists():
+            _create(path)
         con = duckdb.connect(str(path), read_only=read_only)
     except duckdb.IOException as exc:
         raise _open_error(path, exc) from None
@@ -110,6 +117,23 @@ def connect(path: Path, *, read_only: bool = False, migrating: bool = True) -> d
     return con
 
 
+def _create(path: Path) -> None:
+    """Create an empty warehouse file in the storage format of :data:`STORAGE_VERSION`.
+
+    DuckDB keeps a file's format for its whole life, so this one choice at creation decides which DuckDB
+    versions (and CLIs) can open the lake.
+    """
+    con = duckdb.connect()
+    try:
+        con.execute(f"attach {_quoted(path)} as new_warehouse (storage_version '{STORAGE_VERSION}')")
+    finally:
+        con.close()
+
+
+def _quoted(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
 def attach_read_only(path: Path, alias: str) -> duckdb.DuckDBPyConnection:
     """A new in-memory DuckDB with the warehouse attached read-only as ``alias``.
 
@@ -119,7 +143,7 @@ def attach_read_only(path: Path, alias: str) -> duckdb.DuckDBPyConnection:
     connect(path, read_only=True).close()  # no warehouse: XiciError saying what to run; old schema: migrated
     con = duckdb.connect()
     try:
-        con.execute(f"attach '{str(path).replace(chr(39), chr(39) * 2)}' as {alias} (read_only)")
+        con.execute(f"attach {_quoted(path)} as {alias} (read_only)")
     except duckdb.IOException as exc:
         con.close()
         raise _open_error(path, exc) from None
