@@ -2,7 +2,8 @@
 
 Subcommands live one per module in this package and are imported only when used, so ``xici --help`` stays
 fast even though recording pulls in torch. A :class:`~xici.errors.XiciError` from any of them is printed as
-one paragraph and exits with status 1, never as a traceback.
+one paragraph and exits with status 1, never as a traceback; so is a fault of the machine (disk full, out
+of memory) or a damaged warehouse met anywhere below.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import click
 
 from xici import __version__
-from xici.errors import XiciError
+from xici.errors import XiciError, machine_fault
 from xici.warehouse import Lake
 
 # command name -> "module:attribute" inside xici.cli
@@ -50,6 +51,11 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except XiciError as exc:
             raise click.ClickException(exc.message) from None
+        except Exception as exc:
+            fault = machine_fault(exc) or ctx.ensure_object(Lake).damage(exc)
+            if fault is None:
+                raise
+            raise click.ClickException(fault.message) from None
 
 
 @click.group(

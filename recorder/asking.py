@@ -18,7 +18,7 @@ from xici.corpora.graders import Grade, GradeItem, get_grader
 from xici.corpora.thinking import split_thinking
 from xici.errors import XiciError
 from xici.recorder import BACKENDS
-from xici.recorder.generator import Generation, Generator
+from xici.recorder.generator import Generation, Generator, check_weights
 from xici.recorder.hf_backend import HFGenerator
 from xici.recorder.judge import JudgeGrader
 from xici.recorder.prompting import Prompt, PromptFormat
@@ -181,6 +181,7 @@ def open_generator(
     """The model loaded for generation by ``backend`` (``engine_options``: vLLM's only). Close it when done:
     a vLLM engine must be shut down before another one is built."""
     check_backend(backend, device, engine_options)
+    check_weights(model)
     if backend == "vllm":
         from xici.recorder.vllm_backend import VLLMGenerator
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -49,6 +50,24 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype == "auto":
         return "bfloat16" if torch.device(device).type == "cuda" else "float32"
     return dtype
+
+
+def check_weights(model: str) -> None:
+    """Refuse a local checkpoint whose safetensors files are damaged (truncated, overwritten), naming the
+    file, before an engine spends minutes loading it. Reads each file's header only."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(model)
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise XiciError(
+                f"the weights file {path.name} is damaged ({exc})",
+                where=str(path),
+                fix="download or copy the checkpoint again (compare its size and checksum with the source)",
+            ) from None
 
 
 def load_tokenizer(model: str) -> Any:

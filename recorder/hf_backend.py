@@ -41,6 +41,7 @@ class HFGenerator:
     """A transformers MoE model ready for batched greedy generation with routing capture."""
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto") -> None:
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -54,7 +55,7 @@ class HFGenerator:
             self.model = AutoModelForCausalLM.from_pretrained(
                 model, dtype=_TORCH_DTYPES[self.dtype], trust_remote_code=False
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:
             raise XiciError(
                 f"cannot load the model {model!r}: {exc}".replace("\n", " "),
                 where="--model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,3 +74,16 @@ def testbed_lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, i
     info = lake.write(lambda con: run_info(con, 1))
     (analysis,) = analyze(lake, 1, [resolve(None, info.n_moe_layers)])
     return lake.root, run_id, analysis.analysis_id
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 16 MiB tmpfs to fill up; skipped where mounting is not permitted."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

@@ -19,6 +19,7 @@ from test_recorder_support import (
     N_UNITS,
     QUESTIONS,
     assert_same_lake,
+    fill,
     new_lake,
     snapshot,
     stopping_checkpoint,
@@ -317,32 +318,6 @@ def test_asker_reasks_a_run_exactly_and_masks_experts_per_row(qwen: Path, tmp_pa
 def chattr(flag: str, path: Path) -> bool:
     """Set or clear the immutable flag (which even root cannot write through)."""
     return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 16 MiB tmpfs to fill up; skipped where mounting is not permitted."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
-    ).returncode:
-        pytest.skip("mounting a tmpfs is not permitted here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
-def fill(folder: Path) -> Path:
-    """Write a file until the disk is full."""
-    filler = folder / "filler"
-    with filler.open("wb") as out:
-        try:
-            while True:
-                out.write(bytes(65536))
-                out.flush()
-        except OSError:
-            pass
-    return filler
 
 
 @pytest.mark.parametrize("failure", ["unwritable", "disk full"])

@@ -68,6 +68,19 @@ def direct(lake: Lake, query: str) -> list[tuple]:
         con.close()
 
 
+def fill(folder: Path) -> Path:
+    """Write a file until the disk is full."""
+    filler = folder / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(bytes(65536))
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
 def stopping_checkpoint(source: Path, target: Path, max_new_tokens: int) -> Path:
     """A copy of a tiny checkpoint whose generation config also stops on a token it often generates.
 

@@ -8,6 +8,8 @@ refused rather than silently misread.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -74,18 +76,30 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
             " xici_version varchar not null, applied_at timestamp not null default current_timestamp)"
         )
     for migration in known[current:]:
-        con.execute("begin transaction")
-        try:
+        with transaction(con):
             con.execute(migration.sql)
             con.execute(
                 "insert into schema_version (version, name, xici_version) values (?, ?, ?)",
                 [migration.version, migration.name, __version__],
             )
-            con.execute("commit")
-        except Exception:
-            con.execute("rollback")
-            raise
     return len(known)
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """One transaction on ``con``: all of the block lands, or none of it.
+
+    On an error the transaction is rolled back and that error is raised. A commit that failed (a full disk)
+    has already rolled back; the error of a second rollback would hide why it failed, so it is dropped.
+    """
+    con.execute("begin transaction")
+    try:
+        yield
+        con.execute("commit")
+    except BaseException:
+        with suppress(duckdb.Error):
+            con.execute("rollback")
+        raise
 
 
 def connect(path: Path, *, read_only: bool = False, migrating: bool = True) -> duckdb.DuckDBPyConnection:
@@ -151,8 +165,29 @@ def attach_read_only(path: Path, alias: str) -> duckdb.DuckDBPyConnection:
 
 
 def _open_error(path: Path, exc: duckdb.IOException) -> XiciError:
+    """Why the warehouse file did not open: a lock (another process), the permissions, or a damaged file."""
+    text = str(exc)
+    if "Could not set lock" in text:
+        return XiciError(
+            f"cannot open the warehouse: {exc}",
+            where=str(path),
+            fix="another xici process is writing this lake; wait for it to finish, then run the command "
+            "again",
+        )
+    if "Permission denied" in text:
+        return XiciError(
+            f"cannot open the warehouse: {exc}",
+            where=str(path),
+            fix="check the permissions of the lake folder and its warehouse.duckdb",
+        )
+    return damaged(path, exc)
+
+
+def damaged(path: Path, exc: Exception) -> XiciError:
+    """The error for a warehouse file DuckDB cannot read (met when opening it, or later in a query)."""
     return XiciError(
-        f"cannot open the warehouse: {exc}",
+        f"the warehouse file is damaged (truncated, or not a DuckDB database): {exc}",
         where=str(path),
-        fix="another xici process may be writing this lake; wait for it, or check the folder's permissions",
+        fix="restore warehouse.duckdb from a backup or copy; xici cannot repair it, and writes nothing to it "
+        "until it reads again",
     )

@@ -30,7 +30,6 @@ machines can write it.
 from __future__ import annotations
 
 import asyncio
-import errno
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
-from xici.errors import XiciError
+from xici.errors import XiciError, storage_error
 
 FIELDS = ("token_ids", "topk_ids", "topk_weights", "router_logits")
 GATE_DTYPES = ("float16", "float32")
@@ -91,17 +90,10 @@ def expert_id_dtype(n_experts: int) -> np.dtype:
 
 
 def _storage_error(exc: OSError, where: str) -> XiciError:
-    if exc.errno == errno.ENOSPC:
-        what = "the disk holding the lake is full"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        what = "the lake is not writable"
-    else:
-        what = f"writing the lake failed ({exc.strerror or exc})"
-    return XiciError(
-        what,
+    return storage_error(exc, where) or XiciError(
+        f"writing the lake failed ({exc.strerror or exc})",
         where=where,
-        fix="free space or fix permissions, then run the same command again: committed work is kept and "
-        "the run continues where it stopped",
+        fix="check the gate store's folder or URL, then run the same command again: committed work is kept",
     )
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from xici.errors import XiciError
 from xici.notebook import LakeReading
-from xici.warehouse.db import attach_read_only, connect
+from xici.warehouse.db import attach_read_only, connect, damaged, transaction
 from xici.warehouse.gates import (
     GateStore,
     Shard,
@@ -192,12 +192,8 @@ class Lake(LakeReading):
         """A short-lived writing connection inside one transaction: all of it lands, or none of it."""
         con = self.connect()
         try:
-            con.execute("begin transaction")
-            yield con
-            con.execute("commit")
-        except BaseException:
-            con.execute("rollback")
-            raise
+            with transaction(con):
+                yield con
         finally:
             con.close()
 
@@ -299,6 +295,15 @@ class Lake(LakeReading):
             else:
                 self._identity = self.read(query) if self.warehouse_path.exists() else self.write(query)
         return self._identity
+
+    def damage(self, exc: BaseException) -> XiciError | None:
+        """The error for DuckDB failing to read this lake's warehouse file in the middle of a command (a
+        truncated file opens, and fails at the first block it lacks), else None."""
+        text = str(exc)
+        named = (str(self.warehouse_path), str(self.warehouse_path.absolute()))
+        if isinstance(exc, duckdb.IOException) and any(n in text for n in named) and "lock" not in text:
+            return damaged(self.warehouse_path, exc)
+        return None
 
     def gates(self, *, read_only: bool = False, con: duckdb.DuckDBPyConnection | None = None) -> GateStore:
         """The gate store, checked to be this lake's (and claimed for it on the first write).
