@@ -1,16 +1,18 @@
-"""What each ablation condition deactivates: XICI's expert sets and the two baselines (method.md, Stage 3).
+"""What each ablation condition deactivates: XICI's expert sets and the baselines (method.md, Stage 3).
 
 Only questions with experts take part, in question_id order; each gets one set of (layer, expert) pairs.
 
 - ``xici``: the question's own set, from ``analysis_experts``.
-- ``random``: a set of the same size, drawn uniformly without replacement from the pool the analysis chose
-  from: every expert of the MoE layers in its window [layer_start, layer_stop), minus its blacklist of
-  generalist experts. The paper draws "from the non-excluded layers"; leaving the blacklisted experts out
-  too makes the baseline answer the question it is there for: does XICI's choice beat a random choice
-  among the very experts XICI could have chosen? (A generalist in the set would break answers of any
-  question and measure something else.)
+- ``random``: a set of the same size, drawn uniformly without replacement from a pool (``random_pool``):
+  ``window`` (the default, the paper's "non-excluded layers"): every expert of the MoE layers in the
+  analysis' window [layer_start, layer_stop); ``window-minus-blacklist``: the same without the analysis'
+  blacklisted generalists, i.e. exactly the experts XICI could have chosen. Generalists break the answers
+  of any question, so leaving them out lowers the random baseline.
 - ``shuffle``: question i gets the set of question j = d[i] for a uniformly random derangement d (no
   question keeps its own set).
+- ``none``: the noise floor. Every question is asked again with an empty set, through the same ablation
+  path (same units and batches, per-request masks, prefix caching off); its ASR and SGR are what re-asking
+  alone changes. Nothing is drawn.
 
 A baseline's draw is a pure function of the analysis and ``seed`` (numpy's PCG64 seeded with
 ``[seed, condition]``). A set the model cannot route around (a layer left with fewer selectable experts
@@ -32,10 +34,15 @@ if TYPE_CHECKING:
     from xici.moe.gating import LayerGate
 
 XICI = "xici"
-BASELINES: tuple[str, ...] = ("random", "shuffle")
+NONE = "none"
+#: Every baseline ``--baselines`` knows; the default runs the paper's two.
+BASELINES: tuple[str, ...] = ("random", "shuffle", NONE)
+DEFAULT_BASELINES: tuple[str, ...] = ("random", "shuffle")
 CONDITIONS: tuple[str, ...] = (XICI, *BASELINES)
 #: Table 2's row names.
-LABELS = {"xici": "XICI", "random": "random set", "shuffle": "shuffled"}
+LABELS = {"xici": "XICI", "random": "random set", "shuffle": "shuffled", NONE: "nothing off"}
+#: Where the random baseline draws from; the first is the default (the paper's reading).
+RANDOM_POOLS: tuple[str, ...] = ("window", "window-minus-blacklist")
 #: Draws of a random set before giving up on finding one the model can route around.
 MAX_DRAWS = 1000
 
@@ -67,21 +74,35 @@ class Assignment:
     pairs: tuple[Pair, ...]
 
 
+def label(condition: str, random_pool: str | None = None) -> str:
+    """Table 2's name of a condition; a random set names its pool."""
+    return LABELS[condition] + (f" ({random_pool.replace('-', ' ')})" if random_pool else "")
+
+
+def check_random_pool(name: str) -> str:
+    if name not in RANDOM_POOLS:
+        raise XiciError(
+            f"unknown random pool {name!r}",
+            where="--random-pool",
+            fix=f"use one of {', '.join(RANDOM_POOLS)}",
+        )
+    return name
+
+
 def check_baselines(names: Sequence[str], given: str | None = None) -> tuple[str, ...]:
     """The baselines, each a known one and given once; XiciError quoting ``given`` (the option) otherwise."""
     if any(name not in BASELINES for name in names) or len(set(names)) != len(names):
         raise XiciError(
             f"cannot read the baselines {given if given is not None else ','.join(names)!r}",
             where="--baselines",
-            fix=f"list some of {', '.join(BASELINES)} once each, separated by commas, or write none",
+            fix=f"list some of {', '.join(BASELINES)} once each, separated by commas, or give '' for none",
         )
     return tuple(names)
 
 
 def parse_baselines(text: str) -> tuple[str, ...]:
-    """``"random,shuffle"`` -> ("random", "shuffle"); ``""`` or ``"none"`` -> ()."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    return () if names == ["none"] else check_baselines(names, text)
+    """``"random,shuffle,none"`` -> ("random", "shuffle", "none"); ``""`` -> () (XICI alone)."""
+    return check_baselines([name.strip() for name in text.split(",") if name.strip()], text)
 
 
 def load_analysis(con: duckdb.DuckDBPyConnection, analysis_id: int) -> Analysis:
@@ -109,14 +130,19 @@ def xici_sets(con: duckdb.DuckDBPyConnection, analysis: Analysis) -> list[Assign
     return [Assignment(q, q, tuple((p["layer"], p["expert"]) for p in pairs)) for q, pairs in rows]
 
 
-def random_pool(con: duckdb.DuckDBPyConnection, analysis: Analysis, n_experts: int) -> list[Pair]:
-    """The analysis' window minus its blacklist (needs the run's means and the views: see analysis.means)."""
-    black = set(
-        con.execute(
-            "select layer, expert from blacklist(?, ?, ?)",
-            [analysis.run_id, analysis.blacklist_top, analysis.blacklist_share],
-        ).fetchall()
-    )
+def random_pool(
+    con: duckdb.DuckDBPyConnection, analysis: Analysis, n_experts: int, pool: str = RANDOM_POOLS[0]
+) -> list[Pair]:
+    """The analysis' window, or its window minus its blacklist (which needs the run's means and the
+    views: see analysis.means)."""
+    black = set()
+    if check_random_pool(pool) == "window-minus-blacklist":
+        black = set(
+            con.execute(
+                "select layer, expert from blacklist(?, ?, ?)",
+                [analysis.run_id, analysis.blacklist_top, analysis.blacklist_share],
+            ).fetchall()
+        )
     return [
         (layer, expert)
         for layer in range(analysis.layer_start, analysis.layer_stop)
@@ -211,6 +237,11 @@ def shuffled(sets: list[Assignment], rng: np.random.Generator) -> list[Assignmen
     ]
 
 
+def nothing_off(sets: list[Assignment]) -> list[Assignment]:
+    """Every question of ``sets`` with an empty set: the ``none`` condition."""
+    return [Assignment(a.question_id, a.question_id, ()) for a in sets]
+
+
 def baseline_rng(condition: str, seed: int) -> np.random.Generator:
     """The generator of one baseline's draw: independent streams per condition, fixed by the seed."""
     return np.random.default_rng([seed, CONDITIONS.index(condition)])
@@ -226,6 +257,8 @@ def condition_sets(
     """The assignments of ``condition`` given XICI's ``sets`` (already checked); ``pool`` is read lazily."""
     if condition == XICI:
         return sets
+    if condition == NONE:
+        return nothing_off(sets)
     if seed is None:
         raise ValueError("a baseline needs a seed")
     rng = baseline_rng(condition, seed)

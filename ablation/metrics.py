@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 
 import duckdb
 
-from xici.ablation.conditions import CONDITIONS
+from xici.ablation.conditions import CONDITIONS, label
 
 _COUNTS_SQL = """
 WITH info AS (
@@ -116,10 +116,16 @@ class MetricsRow:
     dataset: str
     model: str
     condition: str
+    random_pool: str | None  # the random baseline's pool; None for the other conditions
     seed: int | None
     metrics: Metrics
     checked_tokens: int
     violations: int
+
+    @property
+    def label(self) -> str:
+        """The row's name in Table 2 (a random set names its pool)."""
+        return label(self.condition, self.random_pool)
 
 
 def metrics_rows(
@@ -129,35 +135,36 @@ def metrics_rows(
     where = "" if analysis_ids is None else "where b.analysis_id in (select unnest($ids))"
     counts = ", ".join("m." + c for c in _COLUMNS)
     rows = con.execute(
-        f"select b.analysis_id, r.dataset, r.model, b.condition, b.seed, {counts}, b.checked_tokens, "
-        "b.violations from ablations b join ablation_metrics m using (run_id) "
+        f"select b.analysis_id, r.dataset, r.model, b.condition, b.random_pool, b.seed, {counts}, "
+        "b.checked_tokens, b.violations from ablations b join ablation_metrics m using (run_id) "
         f"join runs r on r.run_id = b.source_run_id {where} "
-        "order by b.analysis_id, list_position($conditions, b.condition), b.seed nulls first",
+        "order by b.analysis_id, list_position($conditions, b.condition), b.random_pool, b.seed nulls first",
         {"conditions": list(CONDITIONS), **({} if analysis_ids is None else {"ids": list(analysis_ids)})},
     ).fetchall()
     n = len(_COLUMNS)
-    return [MetricsRow(*r[:5], Metrics(*r[5 : 5 + n]), *r[5 + n :]) for r in rows]
+    return [MetricsRow(*r[:6], Metrics(*r[6 : 6 + n]), *r[6 + n :]) for r in rows]
 
 
 def overall(rows: Sequence[MetricsRow]) -> list[MetricsRow]:
-    """Per (condition, seed), the rows of all analyses pooled into one."""
-    groups: dict[tuple[str, int | None], list[MetricsRow]] = {}
+    """Per (condition, random pool, seed), the rows of all analyses pooled into one."""
+    groups: dict[tuple[str, str | None, int | None], list[MetricsRow]] = {}
     for row in rows:
-        groups.setdefault((row.condition, row.seed), []).append(row)
+        groups.setdefault((row.condition, row.random_pool, row.seed), []).append(row)
     return [
         MetricsRow(
             None,
             ", ".join(dict.fromkeys(r.dataset for r in group)),
             ", ".join(dict.fromkeys(r.model for r in group)),
             condition,
+            pool,
             seed,
             Metrics.pooled(r.metrics for r in group),
             sum(r.checked_tokens for r in group),
             sum(r.violations for r in group),
         )
-        for (condition, seed), group in sorted(groups.items(), key=lambda item: _order(*item[0]))
+        for (condition, pool, seed), group in sorted(groups.items(), key=lambda item: _order(*item[0]))
     ]
 
 
-def _order(condition: str, seed: int | None) -> tuple[int, int]:
-    return CONDITIONS.index(condition), -1 if seed is None else seed
+def _order(condition: str, pool: str | None, seed: int | None) -> tuple[int, str, int]:
+    return CONDITIONS.index(condition), pool or "", -1 if seed is None else seed

@@ -41,16 +41,20 @@ import torch
 
 from xici.ablation.check import DeactivationCheck, check_deactivation
 from xici.ablation.conditions import (
-    BASELINES,
     CONDITIONS,
+    DEFAULT_BASELINES,
+    NONE,
+    RANDOM_POOLS,
     XICI,
     Analysis,
     Assignment,
     Deactivation,
     Pair,
     check_baselines,
+    check_random_pool,
     condition_sets,
     load_analysis,
+    nothing_off,
     random_pool,
     xici_sets,
 )
@@ -119,6 +123,7 @@ class _Plan:
 
     condition: str
     seed: int | None
+    random_pool: str | None  # the random baseline's pool; None for the other conditions
     run_key: str
     run_id: int | None
     status: str | None
@@ -129,7 +134,8 @@ def run_ablation(
     lake: Lake,
     analysis_id: int,
     *,
-    baselines: Sequence[str] = BASELINES,
+    baselines: Sequence[str] = DEFAULT_BASELINES,
+    random_pool: str = RANDOM_POOLS[0],
     seed: int = 0,
     batch_size: int = 8,
     device: str = "auto",
@@ -141,6 +147,9 @@ def run_ablation(
     stop_after_batches: int | None = None,
 ) -> AblationResult:
     """Ablate an analysis' expert sets (and the baselines), or resume the runs of the same call.
+
+    ``baselines``: some of random, shuffle and none (:mod:`xici.ablation.conditions`); ``random_pool``: where
+    the random sets are drawn from, ``window`` (the paper's) or ``window-minus-blacklist``.
 
     ``grader_options`` build the analysis' grader (the judge's model...); None: the options the recorded run
     was graded with when it used that grader, none otherwise. ``backend`` None is the recorded run's;
@@ -156,10 +165,11 @@ def run_ablation(
     if seed < 0:
         raise XiciError("--seed must be a non-negative integer", where=f"--seed {seed}")
     baselines = check_baselines(baselines)
+    random_pool = check_random_pool(random_pool)
     source = _source(lake, analysis_id, grader_options)
     backend = backend or source.spec.backend
     device = placement(device, ray, backend, engine_options)
-    plans = _plans(lake, source, backend, baselines, seed)
+    plans = _plans(lake, source, backend, baselines, seed, random_pool)
 
     result = AblationResult(analysis_id)
     pool: Pool | None = None
@@ -248,19 +258,22 @@ def _source(lake: Lake, analysis_id: int, grader_options: Mapping[str, Any] | No
     return _Source(analysis, spec, run_key, dict(grader_options), grader.version, units, sets, deactivation)
 
 
-def _plans(lake: Lake, source: _Source, backend: str, baselines: Sequence[str], seed: int) -> list[_Plan]:
+def _plans(
+    lake: Lake, source: _Source, backend: str, baselines: Sequence[str], seed: int, random_pool: str
+) -> list[_Plan]:
     """Every condition's run, XICI first; the sets of runs not created yet are drawn here, up front."""
     pool: list[Pair] = []
 
     def read_pool() -> list[Pair]:
         if not pool:
-            pool.extend(_pool(lake, source.analysis, source.deactivation.n_experts))
+            pool.extend(_pool(lake, source.analysis, source.deactivation.n_experts, random_pool))
         return pool
 
     plans = []
     for condition in (c for c in CONDITIONS if c == XICI or c in baselines):
-        condition_seed = None if condition == XICI else seed
-        key = _run_key(source, condition, condition_seed, backend)
+        condition_seed = None if condition in (XICI, NONE) else seed  # nothing is drawn for these
+        condition_pool = random_pool if condition == "random" else None
+        key = _run_key(source, condition, condition_seed, backend, condition_pool)
         row = lake.read(
             lambda con, key=key: con.execute(
                 "select run_id, status from runs where run_key = ?", [key]
@@ -272,7 +285,7 @@ def _plans(lake: Lake, source: _Source, backend: str, baselines: Sequence[str], 
             assignments = condition_sets(
                 source.sets, condition, condition_seed, source.deactivation, read_pool
             )
-        plans.append(_Plan(condition, condition_seed, key, run_id, status, assignments))
+        plans.append(_Plan(condition, condition_seed, condition_pool, key, run_id, status, assignments))
     return plans
 
 
@@ -290,10 +303,11 @@ def _deactivation(spec: RecordSpec, config_hash: str) -> Deactivation:
     return Deactivation(architecture.make_gate(config), layout.n_moe_layers, layout.n_experts)
 
 
-def _pool(lake: Lake, analysis: Analysis, n_experts: int) -> list[Pair]:
-    """The random baseline's pool; the run's means (and so its blacklist) are built if missing."""
-    lake.retrying(lambda _: ensure_means(lake, analysis.run_id))
-    return lake.read(lambda con: random_pool(con, analysis, n_experts))
+def _pool(lake: Lake, analysis: Analysis, n_experts: int, pool: str) -> list[Pair]:
+    """The random baseline's pool; for the blacklist, the run's means are built if missing."""
+    if pool == "window-minus-blacklist":
+        lake.retrying(lambda _: ensure_means(lake, analysis.run_id))
+    return lake.read(lambda con: random_pool(con, analysis, n_experts, pool))
 
 
 def _asker(source: _Source, backend: str, device: str, engine_options: Mapping[str, Any] | None) -> AskerSpec:
@@ -302,10 +316,12 @@ def _asker(source: _Source, backend: str, device: str, engine_options: Mapping[s
     return recorded.asker(device, grader_options=source.grader_options, engine_options=engine_options)
 
 
-def _run_key(source: _Source, condition: str, seed: int | None, backend: str) -> str:
+def _run_key(source: _Source, condition: str, seed: int | None, backend: str, random_pool: str | None) -> str:
     """What defines an ablation run's answers: the analysis (and so its recorded run), condition, seed,
-    backend."""
+    backend, and the random baseline's pool."""
+    pool = {} if random_pool is None else {"random_pool": random_pool}  # other conditions keep their keys
     payload = {
+        **pool,
         "kind": "ablation",
         "version": ABLATION_VERSION,
         "analysis_key": source.analysis.analysis_key,
@@ -331,6 +347,7 @@ def _params(
         "source_run_id": analysis.run_id,
         "condition": plan.condition,
         "seed": plan.seed,
+        "random_pool": plan.random_pool,
         "grader": analysis.grader,
         "grader_options": source.grader_options,
         "grader_version": source.grader_version,
@@ -370,15 +387,25 @@ def _start(
         )
         if created:
             con.execute(
-                "insert into ablations (run_id, analysis_id, source_run_id, condition, seed, grader) "
-                "values (?, ?, ?, ?, ?, ?)",
-                [run_id, analysis.analysis_id, analysis.run_id, plan.condition, plan.seed, analysis.grader],
+                "insert into ablations (run_id, analysis_id, source_run_id, condition, seed, grader, "
+                "random_pool) values (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    run_id,
+                    analysis.analysis_id,
+                    analysis.run_id,
+                    plan.condition,
+                    plan.seed,
+                    analysis.grader,
+                    plan.random_pool,
+                ],
             )
-            con.executemany(
-                "insert into ablation_experts (run_id, question_id, source_question_id, layer, expert) "
-                "values (?, ?, ?, ?, ?)",
-                [[run_id, a.question_id, a.source, *pair] for a in plan.assignments for pair in a.pairs],
-            )
+            experts = [[run_id, a.question_id, a.source, *pair] for a in plan.assignments for pair in a.pairs]
+            if experts:  # none: no rows
+                con.executemany(
+                    "insert into ablation_experts (run_id, question_id, source_question_id, layer, expert) "
+                    "values (?, ?, ?, ?, ?)",
+                    experts,
+                )
         stored = con.execute(
             "select question_id, any_value(source_question_id), list([layer, expert] order by layer, expert) "
             "from ablation_experts where run_id = ? group by question_id order by question_id",
@@ -387,6 +414,8 @@ def _start(
         return run_id, created, stored
 
     run_id, created, stored = lake.write(start)
+    if plan.condition == NONE:  # no rows: every question is asked with nothing off
+        return run_id, created, nothing_off(source.sets)
     return run_id, created, [Assignment(q, source, tuple(map(tuple, pairs))) for q, source, pairs in stored]
 
 

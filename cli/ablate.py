@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from xici.ablation.conditions import BASELINES, LABELS, parse_baselines
+from xici.ablation.conditions import BASELINES, DEFAULT_BASELINES, RANDOM_POOLS, label, parse_baselines
 from xici.ablation.metrics import MetricsRow, metrics_rows, overall
 from xici.cli.common import engine_options, pass_lake, ray_options
 from xici.cli.grade import JudgeOptions, judge_options
@@ -56,19 +56,21 @@ def metrics_table(rows: Sequence[MetricsRow], *, title: str) -> Table:
     diff = ASR - SGR; all wrong: questions wrong in every language after ablation; check: selections of a
     deactivated expert / tokens whose routing was checked.
     """
-    caption = "diff = ASR - SGR; check = deactivated-expert selections / tokens checked"
+    caption = (
+        "diff = ASR - SGR; check = deactivated-expert selections / tokens checked; nothing off: asked again "
+        "with no expert off, the noise floor (0.0% = the re-asked answers did not change)"
+    )
     table = Table(title=title, box=box.SIMPLE_HEAD, caption=caption, pad_edge=False)
     headers = ("", "ASR", "SGR", "diff", "correct\nbefore", "all\nwrong", "questions", "check")
     for header in headers:
-        table.add_column(header, justify="right" if header else "left", no_wrap=True)
+        # the row names wrap on a narrow terminal, so that the figures never get cut
+        table.add_column(header, justify="right" if header else "left", no_wrap=bool(header))
     seeds = {row.seed for row in rows if row.seed is not None}
     for row in rows:
         m = row.metrics
-        label = LABELS[row.condition] + (
-            f" (seed {row.seed})" if len(seeds) > 1 and row.seed is not None else ""
-        )
+        name = row.label + (f" (seed {row.seed})" if len(seeds) > 1 and row.seed is not None else "")
         table.add_row(
-            label,
+            name,
             _rate(m.asr),
             _rate(m.sgr),
             _rate(m.rate_diff),
@@ -100,10 +102,19 @@ def print_metrics(rows: Sequence[MetricsRow]) -> None:
 )
 @click.option(
     "--baselines",
-    default=",".join(BASELINES),
+    default=",".join(DEFAULT_BASELINES),
     show_default=True,
     callback=_baselines,
-    help="Baselines to run besides XICI, comma-separated: random, shuffle; 'none' for none.",
+    help=f"Baselines to run besides XICI, comma-separated, of {', '.join(BASELINES)} (none: every question "
+    "asked again with nothing off, the noise floor); '' for XICI alone.",
+)
+@click.option(
+    "--random-pool",
+    type=click.Choice(RANDOM_POOLS),
+    default=RANDOM_POOLS[0],
+    show_default=True,
+    help="Where random sets are drawn from: every expert of the analysed layers (the paper's reading), or "
+    "those minus the analysis' blacklisted generalists.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the baselines' draws.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts generated together.")
@@ -121,6 +132,7 @@ def ablate(
     ctx: click.Context,
     analysis_id: int | None,
     baselines: tuple[str, ...],
+    random_pool: str,
     seed: int,
     batch_size: int,
     device: str,
@@ -134,9 +146,10 @@ def ablate(
     Every question with experts in the analysis is asked with the recorded prompt, greedy decoding and
     grader, its experts deactivated (their router logits set to the token's minimum, so they are never
     selected); the questions of one batch each carry their own expert mask. Baselines: a random expert set
-    of the same size per question (from the analysis' layer window minus its blacklisted experts), and
-    question shuffling (each question asked with another question's set). The routing of every ablated
-    token is recorded and checked: no deactivated expert may be selected.
+    of the same size per question (from the analysis' layer window, or --random-pool
+    window-minus-blacklist), question shuffling (each question asked with another question's set), and
+    none (each question asked again the same way with nothing off: what re-asking alone changes). The
+    routing of every ablated token is recorded and checked: no deactivated expert may be selected.
 
     Each condition is one run in the lake; running the same command again resumes them where they stopped
     (a finished run is left as it is). --batch-size, --device and the vLLM engine options do not change which
@@ -159,6 +172,7 @@ def ablate(
         lake,
         analysis_id,
         baselines=baselines,
+        random_pool=random_pool,
         seed=seed,
         batch_size=batch_size,
         device=device,
@@ -175,6 +189,7 @@ def ablate_with_progress(
     *,
     baselines: Sequence[str],
     seed: int,
+    random_pool: str = RANDOM_POOLS[0],
     batch_size: int,
     device: str,
     grader_options: dict[str, Any] | None = None,
@@ -194,6 +209,7 @@ def ablate_with_progress(
             lake,
             analysis_id,
             baselines=baselines,
+            random_pool=random_pool,
             seed=seed,
             batch_size=batch_size,
             device=device,
@@ -201,17 +217,17 @@ def ablate_with_progress(
             backend=backend,
             engine_options=engine_options,
             ray=ray,
-            on_batch=lambda condition, done: progress(f"ablating: {LABELS[condition]}", done),
+            on_batch=lambda condition, done: progress(f"ablating: {label(condition)}", done),
         )
     for run in result.runs:
-        label = f"{LABELS[run.condition]}: run {run.run_id}"
+        name = f"{label(run.condition)}: run {run.run_id}"
         if run.already_finished:
-            click.echo(f"{label} is already finished ({run.n_units} units); nothing to do.")
+            click.echo(f"{name} is already finished ({run.n_units} units); nothing to do.")
             continue
         resumed = "" if run.created else f", resumed after {run.done_before} done"
-        click.echo(f"{label}: ablated {run.asked} of {run.n_units} units{resumed}.")
+        click.echo(f"{name}: ablated {run.asked} of {run.n_units} units{resumed}.")
         click.echo(
-            f"{label}: routing of {run.check.checked_tokens:,} tokens checked, "
+            f"{name}: routing of {run.check.checked_tokens:,} tokens checked, "
             f"{run.check.violations} selections of a deactivated expert."
         )
     print_metrics(result.metrics)

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from rich.panel import Panel
 
-from xici.ablation.conditions import BASELINES, LABELS
+from xici.ablation.conditions import BASELINES, NONE, XICI
 from xici.ablation.metrics import MetricsRow
 from xici.cli.common import pass_lake
 from xici.errors import XiciError
@@ -50,18 +50,18 @@ def _import_once(lake: Lake, name: str, dataset: Path) -> None:
 
 def _verdict(rows: list[MetricsRow], seed: int) -> str:
     """One line comparing XICI's rate difference with each baseline's (drawn with ``seed``)."""
-    pooled = {row.condition: row for row in rows if row.seed in (None, seed)}
-    xici = pooled.get("xici")
-    if xici is None or xici.metrics.rate_diff is None:
+    pooled = [row for row in rows if row.seed in (None, seed) and row.metrics.rate_diff is not None]
+    xici = next((row for row in pooled if row.condition == XICI), None)
+    if xici is None:
         return "No question had experts to ablate."
     parts = [f"XICI rate difference {xici.metrics.rate_diff:.1%}"]
-    for condition in BASELINES:
-        base = pooled.get(condition)
-        if base is None or base.metrics.rate_diff is None:
-            continue
+    for base in pooled:
         gap = base.metrics.rate_diff
-        times = f"{xici.metrics.rate_diff / gap:.1f}x" if gap > 0 else "no effect beyond chance"
-        parts.append(f"{LABELS[condition]} {gap:.1%} ({times})")
+        if base.condition == NONE:
+            parts.append(f"noise floor (nothing off) ASR {base.metrics.asr:.1%}, SGR {base.metrics.sgr:.1%}")
+        elif base.condition != XICI:
+            times = f"{xici.metrics.rate_diff / gap:.1f}x" if gap > 0 else "no effect beyond chance"
+            parts.append(f"{base.label} {gap:.1%} ({times})")
     return "; ".join(parts) + "."
 
 
@@ -96,8 +96,9 @@ def demo(
     The testbed is a tiny Qwen3-MoE trained on synthetic facts in synthetic languages (tags x-...), some of
     which it recalls and some not: the cross-lingual inconsistency XICI needs. The demo imports its
     questions, records the model's answers and routing, finds each question's experts, switches them off
-    (and random and shuffled expert sets as baselines) and writes the report. Takes a few minutes on a CPU;
-    running it again reuses everything already in the lake.
+    (and, as baselines, random sets from the analysed layers, shuffled sets, and nothing at all: the noise
+    floor) and writes the report. Takes a few minutes on a CPU; running it again reuses everything already
+    in the lake.
     """
     import torch
 
@@ -135,7 +136,7 @@ def demo(
     console.print(preset_line(None, info.model, info.n_moe_layers), highlight=False)
     (analysis,) = analyze_with_summary(lake, run_id, [resolve(None, info.n_moe_layers)], [])
 
-    console.rule("4/5  ablate: XICI experts, random sets, shuffled sets")
+    console.rule("4/5  ablate: XICI experts, random sets, shuffled sets, nothing off")
     result = ablate_with_progress(
         lake,
         analysis.analysis_id,

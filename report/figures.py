@@ -18,7 +18,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import MaxNLocator
 
-from xici.ablation.conditions import LABELS
 from xici.ablation.metrics import Metrics, metrics_rows
 from xici.report.source import Analysis, Choice, analyses_of
 
@@ -26,7 +25,7 @@ DPI = 110
 _BAR = "#4C72B0"
 _HIGHLIGHT = "#DD8452"
 _EXCLUDED = "#BBBBBB"
-_CONDITION_COLORS = {"xici": "#C44E52", "random": "#8C8C8C", "shuffle": "#4C72B0"}
+_CONDITION_COLORS = {"xici": "#C44E52", "random": "#8C8C8C", "shuffle": "#4C72B0", "none": "#55A868"}
 
 #: Parameters whose sweeps get a figure (layer windows are pairs and are not plotted): (name, axis label).
 SWEPT: dict[str, tuple[str, str]] = {
@@ -198,12 +197,13 @@ def ablated_experts_figure(con: duckdb.DuckDBPyConnection, choice: Choice) -> Fi
     )
 
 
-def _by_condition(con: duckdb.DuckDBPyConnection, analysis_id: int) -> dict[str, Metrics]:
-    """An analysis' ablation metrics per condition (XICI first), a baseline's seeds pooled."""
-    groups: dict[str, list[Metrics]] = {}
+def _by_condition(con: duckdb.DuckDBPyConnection, analysis_id: int) -> dict[tuple[str, str], Metrics]:
+    """An analysis' ablation metrics per (condition, its label) (XICI first), a baseline's seeds pooled; a
+    random baseline of each pool is its own condition."""
+    groups: dict[tuple[str, str], list[Metrics]] = {}
     for row in metrics_rows(con, [analysis_id]):
-        groups.setdefault(row.condition, []).append(row.metrics)
-    return {condition: Metrics.pooled(parts) for condition, parts in groups.items()}
+        groups.setdefault((row.condition, row.label), []).append(row.metrics)
+    return {key: Metrics.pooled(parts) for key, parts in groups.items()}
 
 
 def ablation_figure(con: duckdb.DuckDBPyConnection, choice: Choice) -> Figure | None:
@@ -217,10 +217,12 @@ def ablation_figure(con: duckdb.DuckDBPyConnection, choice: Choice) -> Figure | 
     ax = fig.add_subplot()
     names = ("ASR", "SGR", "rate difference")
     width = 0.8 / len(metrics)
-    for i, (condition, m) in enumerate(metrics.items()):
+    for i, ((condition, label), m) in enumerate(metrics.items()):
         values = [100 * (v or 0.0) for v in (m.asr, m.sgr, m.rate_diff)]
         x = np.arange(len(names)) + (i - (len(metrics) - 1) / 2) * width
-        bars = ax.bar(x, values, width, color=_CONDITION_COLORS[condition], label=LABELS[condition])
+        # a second random pool gets a hatch, so the two grey bars are told apart
+        hatch = "//" if condition == "random" and "minus" in label else None
+        bars = ax.bar(x, values, width, color=_CONDITION_COLORS[condition], label=label, hatch=hatch)
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
     ax.set_xticks(range(len(names)), names)
     ax.axhline(0, color="black", lw=0.8)
@@ -234,8 +236,9 @@ def ablation_figure(con: duckdb.DuckDBPyConnection, choice: Choice) -> Figure | 
     return Figure(
         "ablation",
         "Ablation against the baselines",
-        "Switching off each question's experts (XICI) against random sets of the same size and against "
-        "another question's experts (shuffled); a baseline run with several seeds is pooled over them.",
+        "Switching off each question's experts (XICI) against random sets of the same size (from the pool "
+        "the legend names), against another question's experts (shuffled) and, where run, against asking "
+        "again with nothing off (the noise floor); a baseline run with several seeds is pooled over them.",
         _png(fig),
     )
 
@@ -290,11 +293,10 @@ def _sweep_figure(
     axes[1].set_ylabel("experts per question")
     axes[1].set_title("Experts per question")
     if panels == 3:
-        for condition, label in LABELS.items():
-            at = [i for i, found in enumerate(ablations) if condition in found]
-            rd = [100 * (ablations[i][condition].rate_diff or 0.0) for i in at]
-            if at:
-                axes[2].plot(at, rd, "o-", color=_CONDITION_COLORS[condition], label=label)
+        for key in dict.fromkeys(key for found in ablations for key in found):
+            at = [i for i, found in enumerate(ablations) if key in found]
+            rd = [100 * (ablations[i][key].rate_diff or 0.0) for i in at]
+            axes[2].plot(at, rd, "o-", color=_CONDITION_COLORS[key[0]], label=key[1])
         axes[2].axhline(0, color="black", lw=0.8)
         axes[2].set_ylabel("rate difference (%)")
         axes[2].set_title("Ablation: ASR − SGR")

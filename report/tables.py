@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 import duckdb
 
-from xici.ablation.conditions import LABELS
 from xici.ablation.metrics import MetricsRow, metrics_rows, overall
 from xici.report.source import Analysis, Choice, Run, analyses_of
 
@@ -208,13 +207,13 @@ def ablation_table(con: duckdb.DuckDBPyConnection, choices: Sequence[Choice]) ->
     for group in _by_model(choices):
         found = metrics_rows(con, [analysis.analysis_id for _, analysis in group])
         rows += [_ablation_row(r) for r in found]
-        # Pool a (condition, seed) over the model's analyses only where every ablated one has it.
+        # Pool a (condition, pool, seed) over the model's analyses only where every ablated one has it.
         ablated = {r.analysis_id for r in found}
-        covered: dict[tuple[str, int | None], set[int | None]] = {}
+        covered: dict[tuple[str, str | None, int | None], set[int | None]] = {}
         for r in found:
-            covered.setdefault((r.condition, r.seed), set()).add(r.analysis_id)
+            covered.setdefault((r.condition, r.random_pool, r.seed), set()).add(r.analysis_id)
         if len(ablated) > 1:
-            complete = [r for r in found if covered[r.condition, r.seed] == ablated]
+            complete = [r for r in found if covered[r.condition, r.random_pool, r.seed] == ablated]
             rows += [_ablation_row(r) for r in overall(complete)]
     columns = (
         Column("dataset"),
@@ -233,7 +232,10 @@ def ablation_table(con: duckdb.DuckDBPyConnection, choices: Sequence[Choice]) ->
         "Over the (question, language) pairs of the questions with experts. ASR: share of the pairs answered "
         "correctly before that are wrong with the experts switched off; SGR: share of the wrong ones now "
         "right; rate difference = ASR − SGR. Random set: as many experts per question, drawn from the "
-        "analysed layers; shuffled: each question asked with another question's experts. Violations: "
+        "analysed layers (window) or from those minus the blacklisted generalists, as the row says; "
+        "shuffled: each question asked with another question's experts; nothing off: each question asked "
+        "again the same way with no expert off, the noise floor of re-asking (0.0% on a deterministic run "
+        "means the answers did not change). Violations: "
         "selections of a switched-off expert in the recorded routing (0: proven off). Rows without an "
         "analysis pool the model's analyses above them, for the conditions and seeds all of them have."
     )
@@ -246,7 +248,7 @@ def _ablation_row(row: MetricsRow) -> tuple[Any, ...]:
         row.dataset,
         row.model,
         row.analysis_id,
-        LABELS[row.condition],
+        row.label,
         row.seed,
         m.n_correct_before,
         m.asr,

@@ -177,13 +177,21 @@ def test_baselines_are_reproducible_and_drawn_from_the_pool(recorded, tmp_path: 
     n_layers = rows(base, "select n_moe_layers from runs where run_id = 1")[0][0]
     window = (1, n_layers)
     sets = {q: [p for p in pairs if p[0] >= 1] for q, pairs in xici_sets(base).items()}
-    lakes = [copy_lake(base, tmp_path / name) for name in ("a", "b", "c")]
+    lakes = [copy_lake(base, tmp_path / name) for name in ("a", "b", "c", "d")]
     ids = [insert_analysis(lake, 1, sets, layers=window, blacklist=(0.25, 0.5)) for lake in lakes]
-    for lake, analysis_id, seed in zip(lakes, ids, (7, 7, 8), strict=True):
-        run_ablation(lake, analysis_id, seed=seed, device="cpu", batch_size=N_ASKED)
+    pools = ("window-minus-blacklist",) * 3 + ("window",)
+    for lake, analysis_id, seed, pool in zip(lakes, ids, (7, 7, 8, 7), pools, strict=True):
+        run_ablation(lake, analysis_id, seed=seed, random_pool=pool, device="cpu", batch_size=N_ASKED)
     drawn = [[deactivated(lake, run_id) for run_id in (3, 4)] for lake in lakes]
     assert drawn[0] == drawn[1], "the same seed draws the same baselines"
     assert drawn[0] != drawn[2], "another seed draws other baselines"
+    assert drawn[0][0] != drawn[3][0] and drawn[0][1] == drawn[3][1], "the pool changes the random sets only"
+    for lake, pool in zip(lakes, pools, strict=True):
+        assert rows(lake, "select condition, random_pool from ablations order by run_id") == [
+            ("xici", None),
+            ("random", pool),
+            ("shuffle", None),
+        ]
 
     con = lakes[0].connect(read_only=True)
     try:
@@ -196,11 +204,12 @@ def test_baselines_are_reproducible_and_drawn_from_the_pool(recorded, tmp_path: 
         con.close()
     assert black, "the test needs a non-empty blacklist"
     pool = {(layer, e) for layer in range(*window) for e in range(n_experts)} - black
-    for lake_sets in drawn:
+    window_pool = {(layer, e) for layer in range(*window) for e in range(n_experts)}
+    for lake_sets, name in zip(drawn, pools, strict=True):
         random_sets, shuffled = lake_sets
         for question in ASKED:
             assert len(random_sets[question]) == len(sets[question])
-            assert set(random_sets[question]) <= pool
+            assert set(random_sets[question]) <= (pool if name == "window-minus-blacklist" else window_pool)
         assert sorted(map(sorted, shuffled.values())) == sorted(map(sorted, sets.values()))
     shuffle_sources = [(q, s) for run_id, q, s in sources if run_id == 4]
     assert all(q != s for q, s in shuffle_sources) and sorted(s for _, s in shuffle_sources) == list(ASKED)
@@ -302,7 +311,7 @@ def test_ablate_cli_prints_table_2_and_resumes(recorded, lake: Lake) -> None:
         assert f"{label}: run {run_id}: routing of" in first.output
     assert first.output.count("0 selections of a deactivated expert") == 3
     table = first.output[first.output.index("analysis 1:") :]
-    for label in ("XICI", "random set", "shuffled", "ASR", "SGR", "diff", "correct", "wrong", "questions"):
+    for label in ("XICI", "random set", "(window)", "shuffled", "ASR", "SGR", "diff", "correct", "wrong"):
         assert label in table
     metrics = rows(lake, "select asr from ablation_metrics order by run_id")
     for (asr,) in metrics:
@@ -324,13 +333,17 @@ def test_ablate_cli_prints_table_2_and_resumes(recorded, lake: Lake) -> None:
         assert out.exit_code == 1 and message in out.output and "Traceback" not in out.output, out.output
     usage = CliRunner().invoke(cli, ["--lake", str(lake.root), "ablate"])
     assert usage.exit_code == 2 and "--analysis" in usage.output
+    pool = CliRunner().invoke(
+        cli, ["--lake", str(lake.root), "ablate", "--analysis", "1", "--random-pool", "bl"]
+    )
+    assert pool.exit_code == 2 and "'bl' is not one of 'window', 'window-minus-blacklist'" in pool.output
 
 
 def test_answers_are_graded_by_the_analysis_judge(recorded, lake: Lake) -> None:
     model, n_layers = rows(lake, "select model, n_moe_layers from runs where run_id = 1")[0]
     regrade(lake, 1, "judge", model=model, device="cpu")  # the recorded model judges, as by default
     analysis_id = insert_analysis(lake, 1, xici_sets(lake), layers=(0, n_layers), grader="judge")
-    args = ["--lake", str(lake.root), "ablate", "--analysis", str(analysis_id), "--baselines", "none"]
+    args = ["--lake", str(lake.root), "ablate", "--analysis", str(analysis_id), "--baselines", ""]
     out = CliRunner().invoke(cli, [*args, "--device", "cpu"])
     assert out.exit_code == 0, out.output
     assert "XICI: run 2: ablated 9 of 9 units." in out.output and "random set" not in out.output
@@ -342,3 +355,40 @@ def test_answers_are_graded_by_the_analysis_judge(recorded, lake: Lake) -> None:
     template.write_text("Answers: {answers}. Response: {response}. YES or NO?", encoding="utf-8")
     other = CliRunner().invoke(cli, [*args, "--device", "cpu", "--judge-template", str(template)])
     assert other.exit_code == 1 and "not by the version" in other.output and "--judge-*" in other.output
+
+
+def test_nothing_off_is_the_noise_floor(recorded, lake: Lake) -> None:
+    """The none condition asks every question again through the ablation path with an empty mask: on a
+    deterministic CPU run nothing changes, so its ASR and SGR are 0 (and Table 2 shows them)."""
+    args = ["--lake", str(lake.root), "ablate", "--analysis", str(recorded[1]), "--device", "cpu"]
+    out = CliRunner().invoke(
+        cli,
+        [*args, "--baselines", "none,random", "--random-pool", "window-minus-blacklist"],
+        env={"COLUMNS": "200"},
+    )
+    assert out.exit_code == 0, out.output
+    assert rows(
+        lake, "select run_id, condition, seed, random_pool, violations from ablations order by 1"
+    ) == [
+        (2, "xici", None, None, 0),
+        (3, "random", 0, "window-minus-blacklist", 0),
+        (4, "none", None, None, 0),
+    ]
+    assert rows(lake, "select count(*) from ablation_experts where run_id = 4") == [(0,)]
+    # every question with experts, in every language, answered exactly as when recorded
+    again = rows(
+        lake, "select question_id, lang, response_text from sequences where run_id = 4 order by 1, 2"
+    )
+    before = rows(
+        lake,
+        "select question_id, lang, response_text from sequences where run_id = 1 "
+        "and question_id in (select question_id from ablation_experts where run_id = 2) order by 1, 2",
+    )
+    assert len(again) == N_ASKED and again == before
+    assert rows(lake, "select asr, sgr, n_pairs from ablation_metrics where run_id = 4") == [
+        (0.0, 0.0, N_ASKED)
+    ]
+    table = out.output[out.output.index("analysis 1:") :]
+    assert "random set (window minus blacklist)" in table
+    [noise] = [line for line in table.splitlines() if line.strip().startswith("nothing off")]
+    assert noise.split()[2:5] == ["0.0%", "0.0%", "0.0%"]  # ASR, SGR, diff

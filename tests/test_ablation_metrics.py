@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from xici.ablation.metrics import Metrics, compute_metrics, metrics_rows, overall, store_metrics
 from xici.warehouse import Lake
+from xici.warehouse.db import migrate, migrations
 
 T, F, U = True, False, None  # U: the grader could not decide
 
@@ -64,11 +66,12 @@ def add_ablation(
 ) -> None:
     """An ablation run of ``source`` graded by "judge"; another grader's verdicts must not count."""
     add_run(con, run_id, "ablation", "toy")
-    seed = None if condition == "xici" else 0
+    seed = None if condition in ("xici", "none") else 0
+    pool = "window" if condition == "random" else None
     con.execute(
         "insert into ablations (run_id, analysis_id, source_run_id, condition, seed, grader, checked_tokens,"
-        " violations) values (?, ?, ?, ?, ?, 'judge', ?, 0)",
-        [run_id, analysis_id, source, condition, seed, sum(map(len, grades.values()))],
+        " violations, random_pool) values (?, ?, ?, ?, ?, 'judge', ?, 0, ?)",
+        [run_id, analysis_id, source, condition, seed, sum(map(len, grades.values())), pool],
     )
     for question, langs in grades.items():
         con.execute("insert into ablation_experts values (?, ?, ?, 0, 1)", [run_id, question, question])
@@ -150,3 +153,56 @@ def test_rates_without_a_denominator_are_none_and_pooling_sums_pairs(lake: Lake)
     assert xici.asr == pytest.approx(4 / 5) and xici.sgr == pytest.approx(2 / 7)  # over pairs, not runs
     assert pooled[1].metrics == WANT
     assert (pooled[0].checked_tokens, pooled[0].violations) == (14, 0)
+
+
+def test_each_random_pool_and_the_noise_floor_are_rows_of_their_own(lake: Lake) -> None:
+    with lake.transaction() as con:
+        add_ablation(con, 3, 1, 1, GRADES, condition="random")
+        con.execute("update ablations set random_pool = 'window-minus-blacklist' where run_id = 3")
+        add_ablation(con, 4, 1, 1, GRADES, condition="random")
+        add_ablation(con, 5, 1, 1, GRADES, condition="none")
+        con.execute("delete from ablation_experts where run_id = 5")
+        for run_id in (2, 3, 4, 5):
+            store_metrics(con, run_id)
+    con = lake.connect(read_only=True)
+    try:
+        rows = metrics_rows(con)
+    finally:
+        con.close()
+    labels = ["XICI", "random set (window)", "random set (window minus blacklist)", "nothing off"]
+    assert [r.label for r in rows] == labels
+    assert [r.label for r in overall(rows)] == labels  # pooled per pool, never across pools
+
+
+def test_migration_keeps_ablations_and_names_the_old_random_pool(tmp_path: Path) -> None:
+    """Random runs made before --random-pool drew from the window minus the blacklist; the migration says so
+    and lets the table hold the condition 'none'."""
+    known = migrations()
+    version = next(m.version for m in known if m.name.endswith("ablation_conditions"))
+    con = duckdb.connect(str(tmp_path / "old.duckdb"))
+    con.execute(
+        "create table schema_version (version integer primary key, name varchar not null,"
+        " xici_version varchar not null, applied_at timestamp not null default current_timestamp)"
+    )
+    for migration in known[: version - 1]:
+        con.execute(migration.sql)
+        con.execute(
+            "insert into schema_version values (?, ?, 'old', now())", [migration.version, migration.name]
+        )
+    con.execute(
+        "insert into ablations values (2, 1, 1, 'xici', null, 'match', 10, 0), "
+        "(3, 1, 1, 'random', 0, 'match', 10, 0)"
+    )
+    with pytest.raises(duckdb.ConstraintException):
+        con.execute("insert into ablations values (4, 1, 1, 'none', null, 'match', 10, 0)")
+    migrate(con)
+    assert con.execute(
+        "select run_id, condition, random_pool, checked_tokens from ablations order by 1"
+    ).fetchall() == [
+        (2, "xici", None, 10),
+        (3, "random", "window-minus-blacklist", 10),
+    ]
+    con.execute("insert into ablations values (4, 1, 1, 'none', null, 'match', 10, 0, null)")
+    with pytest.raises(duckdb.ConstraintException):  # a random run must name its pool
+        con.execute("insert into ablations values (5, 1, 1, 'random', 0, 'match', 10, 0, null)")
+    con.close()

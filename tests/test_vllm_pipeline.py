@@ -85,10 +85,10 @@ def lake(
     sets = xici_sets(lake)
     first = insert_analysis(lake, 1, sets, layers=(0, n_layers))
     run_ablation(lake, first, baselines=(), device="cpu", batch_size=4)
-    _xici(lake, "ablate", "--analysis", str(first), "--baselines", "none", "--batch-size", "4",
+    _xici(lake, "ablate", "--analysis", str(first), "--baselines", "", "--batch-size", "4",
           "--backend", "vllm", *ENGINE)  # fmt: skip
     second = insert_analysis(lake, 2, sets, layers=(0, n_layers))
-    _xici(lake, "ablate", "--analysis", str(second), "--baselines", "none", *ENGINE)
+    _xici(lake, "ablate", "--analysis", str(second), "--baselines", "", *ENGINE)
     return lake
 
 
