@@ -82,9 +82,17 @@ def _ablate(
             n_units=len(units),
         )
         con.execute(
-            "insert into ablations (run_id, analysis_id, source_run_id, condition, seed, grader) "
-            "values (?, ?, ?, ?, ?, ?)",
-            [run_id, analysis_id, analysis.run_id, condition, seed, analysis.grader],
+            "insert into ablations (run_id, analysis_id, source_run_id, condition, seed, grader, "
+            "random_pool) values (?, ?, ?, ?, ?, ?, ?)",
+            [
+                run_id,
+                analysis_id,
+                analysis.run_id,
+                condition,
+                seed,
+                analysis.grader,
+                "window" if condition == "random" else None,
+            ],
         )
         con.executemany(
             "insert into ablation_experts values (?, ?, ?, ?, ?)",
@@ -308,8 +316,8 @@ def test_ablation_table_matches_direct_sql(lake: Lake) -> None:
         table = ablation_table(con, [choose(con, analysis_id=a) for a in ids])
     assert [(r[2], r[3], r[4]) for r in table.rows] == [
         (ids[0], "XICI", None),
-        (ids[0], "random set", 0),
-        (ids[0], "random set", 1),
+        (ids[0], "random set (window)", 0),
+        (ids[0], "random set (window)", 1),
         (ids[0], "shuffled", 0),
         (ids[1], "XICI", None),
         (None, "XICI", None),  # pooled; beta has no baselines, so they are not
@@ -327,7 +335,7 @@ def test_ablation_table_matches_direct_sql(lake: Lake) -> None:
         [ids],
     )
     for analysis_id, condition, seed, correct, lost, gained, wrong in direct:
-        label = {"xici": "XICI", "random": "random set", "shuffle": "shuffled"}[condition]
+        label = {"xici": "XICI", "random": "random set (window)", "shuffle": "shuffled"}[condition]
         (row,) = [r for r in table.rows if r[2:5] == (analysis_id, label, seed)]
         assert row[5] == correct
         assert row[6] == pytest.approx(lost / correct)

@@ -129,7 +129,7 @@ class LakeReading:
 
     def metrics(self: Lake, analysis_ids: Sequence[int] | None = None) -> pa.Table:
         """The paper's Table 2 for finished ablations (of these analyses, or all): one row per analysis,
-        condition and seed, with ASR, SGR, their difference and the counts behind them."""
+        condition (random: and pool) and seed, with ASR, SGR, their difference and the counts behind them."""
         from xici.ablation.metrics import metrics_rows
 
         rows = self.read(lambda con: metrics_rows(con, analysis_ids))
@@ -140,6 +140,7 @@ class LakeReading:
                     "dataset": row.dataset,
                     "model": row.model,
                     "condition": row.condition,
+                    "random_pool": row.random_pool,
                     "seed": row.seed,
                     **vars(row.metrics),
                     "checked_tokens": row.checked_tokens,
