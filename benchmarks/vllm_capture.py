@@ -1,20 +1,28 @@
-"""What routing capture and per-request expert masks cost in vLLM generation.
+"""What routing capture and per-request expert masks cost in vLLM generation, compiled and eager.
 
-For each model shape, one vLLM engine generates the same batch of chat prompts greedily in three modes:
-plain vLLM (no hooks), with routing capture (``generate_with_routing``), and with capture plus a different
-expert mask per request (25 (layer, expert) pairs each, as an ablation does). Repetitions are interleaved
-(the mode order rotates) so that machine load hits every mode alike; medians of generated tokens per second
-and of the per-round time ratios to plain are printed (wall clock, and CPU time of this process, which
-other processes' load on a shared machine moves less), with the threads used. ``--prefix-caching-cost`` adds a
-second engine with prefix caching on (plain generation, cache emptied before each batch so that only
-prefixes shared within the batch hit; run after the first engine, so not interleaved).
+For each model shape, three vLLM engines generate the same batch of chat prompts greedily: plain vLLM in its
+default compiled mode (vLLM's own worker, no taps), and xici's engine compiled (the default) and eager
+(``enforce_eager=True``). xici's engines run with routing capture (``generate_with_routing``) and with
+capture plus a different expert mask per request (25 (layer, expert) pairs each, as an ablation does). The
+engines run side by side, each in its own process (``VLLM_ENABLE_V1_MULTIPROCESSING=1``), so repetitions are
+interleaved (the mode order rotates) and machine load hits every mode alike; medians of generated tokens per
+second and of the per-round time ratios to plain are printed (wall clock, and CPU time of this process,
+which other processes' load moves less; with the engines in other processes it mostly counts the driver's
+waiting), with each engine's start-up time (compilation included) and the threads used.
+
+``--prefix-caching`` measures instead what prefix caching would gain on a recording-like workload: the
+default system instruction and chat template, questions of ECLeKTic's length (its median question length
+per language, at about 3 characters per token, as random tokens) in 12 languages each, one batch per
+question group, each prompt asked once (the cache is emptied before every batch, as a recording never asks
+a prompt twice). Two plain compiled engines, prefix caching on and off, interleaved; printed: the share of
+prompt tokens served from the cache and the time ratio.
 
 Shapes: ``tiny`` (0.9M parameters) and ``30m`` (~28M) are random Qwen3-MoE checkpoints built on the spot
 (:func:`xici.testbed.random_models.build_random_moe`); ``qwen3-30b-a3b`` is Qwen3-30B-A3B's configuration with
 vLLM's random ("dummy") weights, for a GPU: ``python benchmarks/vllm_capture.py --shape qwen3-30b-a3b``.
 
-Run on the CPU: ``OMP_NUM_THREADS=1 python benchmarks/vllm_capture.py`` (needs vllm installed). Target:
-capture overhead ratio <= 1.10.
+Run on the CPU: ``OMP_NUM_THREADS=1 python benchmarks/vllm_capture.py`` (needs vllm installed). Targets:
+capture ratio <= 1.10 to plain in either mode; prefix caching is worth supporting if it gains >= 10%.
 """
 
 from __future__ import annotations
@@ -22,10 +30,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: fast start, one process
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # an engine per process: several side by side
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; offline, vLLM would wait ~30 s for the hub
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -172,38 +181,63 @@ def report(
     print(f"  {name:<15} " + "   ".join(columns) + note)
 
 
-def engine_settings(on_gpu: bool, kv_gib: float, max_model_len: int) -> dict[str, Any]:
-    if on_gpu:
-        return {"max_model_len": max_model_len}
-    return {"max_model_len": max_model_len, "block_size": 32, "kv_cache_memory_bytes": int(kv_gib * 2**30)}
+def engine_settings(on_gpu: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """Settings shared by the engines; on the CPU xici sizes the KV cache (for ``--batch`` sequences)."""
+    settings: dict[str, Any] = {"max_model_len": args.max_model_len, "max_num_seqs": args.batch}
+    return settings if on_gpu else {**settings, "block_size": 32}
+
+
+def started(build: Callable[[], VLLMEngine]) -> tuple[VLLMEngine, float]:
+    """An engine and its start-up seconds (loading and compiling)."""
+    start = time.perf_counter()
+    engine = build()
+    return engine, time.perf_counter() - start
 
 
 def bench_shape(shape: str, args: argparse.Namespace, on_gpu: bool) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         path, extra = build_shape(shape, Path(tmp) / shape)
-        settings = engine_settings(on_gpu, args.kv_gib, args.max_model_len)
-        with load_engine(str(path), engine_args=extra, **settings) as engine:
-            prompts = [
-                PromptFormat().encode(engine.tokenizer, QUESTIONS[i % len(QUESTIONS)]).ids
-                for i in range(args.batch)
-            ]
-            masks = random_masks(engine, args.batch, seed=0)
-            new = args.max_new_tokens
-            modes = {
-                "plain": lambda: generate_with_routing(engine, prompts, max_new_tokens=new, capture=False),
-                "capture": lambda: generate_with_routing(engine, prompts, max_new_tokens=new),
-                "capture+masks": lambda: generate_with_routing(
-                    engine, prompts, max_new_tokens=new, masks=masks
-                ),
-            }
-            speeds = interleaved(modes, args.repeats)
-            meta = engine.metadata
-        n_params = param_count(path)
-        layout = engine.layout
+        settings = engine_settings(on_gpu, args)
+        engines: dict[str, VLLMEngine] = {}
+        startup: dict[str, float] = {}
+        for name, options in (
+            ("plain", {"taps": False}),
+            ("compiled", {}),
+            ("eager", {"enforce_eager": True}),
+        ):
+            engines[name], startup[name] = started(
+                lambda options=options: load_engine(str(path), engine_args=extra, **settings, **options)
+            )
+            stack.enter_context(engines[name])
+        prompts = [
+            PromptFormat().encode(engines["plain"].tokenizer, QUESTIONS[i % len(QUESTIONS)]).ids
+            for i in range(args.batch)
+        ]
+        masks = random_masks(engines["compiled"], args.batch, seed=0)
+        new = args.max_new_tokens
+        modes: dict[str, Callable[[], list[Any]]] = {
+            "plain": lambda: generate_with_routing(
+                engines["plain"], prompts, max_new_tokens=new, capture=False
+            )
+        }
+        for name in ("compiled", "eager"):
+            engine = engines[name]
+            modes[f"{name} capture"] = lambda e=engine: generate_with_routing(e, prompts, max_new_tokens=new)
+            modes[f"{name} +masks"] = lambda e=engine: generate_with_routing(
+                e, prompts, max_new_tokens=new, masks=masks
+            )
+        speeds = interleaved(modes, args.repeats)
+        meta = engines["compiled"].metadata
+        layout = engines["compiled"].layout
         print(
-            f"\n{shape}: {n_params / 1e6:,.1f}M parameters, {layout.n_moe_layers} MoE layers x "
+            f"\n{shape}: {param_count(path) / 1e6:,.1f}M parameters, {layout.n_moe_layers} MoE layers x "
             f"{layout.n_experts} experts, top-{layout.top_k}; {meta['device']}, {meta['dtype']}, "
             f"engine threads {meta['threads']}, driver threads {torch.get_num_threads()}"
+        )
+        print(
+            "  start-up s (compiled: mode "
+            f"{meta['compilation_mode']}, CUDA graphs {meta['cudagraph_mode']}): "
+            + ", ".join(f"{name} {seconds:.1f}" for name, seconds in startup.items())
         )
         print(
             f"  batch {args.batch} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens) x "
@@ -211,16 +245,73 @@ def bench_shape(shape: str, args: argparse.Namespace, on_gpu: bool) -> None:
         )
         for name, values in speeds.items():
             report(name, values, speeds["plain"])
-        if args.prefix_caching_cost:
-            with load_engine(str(path), engine_args=extra, enable_prefix_caching=True, **settings) as cached:
 
-                def fresh_cache() -> list[Any]:
-                    """Only prefixes shared within the batch (the system turn) hit, as in a recording."""
-                    cached.llm.reset_prefix_cache()
-                    return generate_with_routing(cached, prompts, max_new_tokens=new, capture=False)
 
-                values = interleaved({"cached": fresh_cache}, args.repeats)["cached"]
-            report("prefix cache on", values, speeds["plain"], paired=False)
+#: ECLeKTic's median question length in characters, per language (its 12 languages).
+ECLEKTIC_CHARS = {
+    "en": 72, "de": 75, "es": 76, "fr": 81, "he": 56, "hi": 69,
+    "id": 69, "it": 81, "ja": 36, "ko": 37, "pt": 77, "zh": 32,
+}  # fmt: skip
+CHARS_PER_TOKEN = 3
+
+
+def recording_prompts(tokenizer: Any, n_questions: int, seed: int) -> tuple[list[list[int]], int]:
+    """Chat prompts (default system instruction) of ECLeKTic-length questions, 12 languages a question
+    (random tokens of about its median length per language, +-30%, stand for each translation), and the
+    length of the prefix they all share."""
+    rng = np.random.default_rng(seed)
+    text = PromptFormat().render(tokenizer, "\x00")
+    before, after = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in text.split("\x00"))
+    special = set(tokenizer.all_special_ids)
+    words = np.array([i for i in range(len(tokenizer)) if i not in special])
+    prompts = []
+    for _ in range(n_questions):
+        for chars in ECLEKTIC_CHARS.values():
+            n = max(1, round(chars / CHARS_PER_TOKEN * rng.uniform(0.7, 1.3)))
+            prompts.append([*before, *rng.choice(words, n).tolist(), *after])
+    return prompts, len(before)
+
+
+def bench_prefix_caching(shape: str, args: argparse.Namespace, on_gpu: bool) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        path, extra = build_shape(shape, Path(tmp) / shape)
+        settings = {**engine_settings(on_gpu, args), "taps": False}
+        engines = {
+            name: stack.enter_context(
+                load_engine(str(path), engine_args=extra, enable_prefix_caching=cache, **settings)
+            )
+            for name, cache in (("cache off", False), ("cache on", True))
+        }
+        n_questions = max(1, args.batch // len(ECLEKTIC_CHARS))
+        prompts, shared = recording_prompts(engines["cache off"].tokenizer, n_questions, seed=0)
+        new = args.max_new_tokens
+
+        def run(engine: VLLMEngine) -> list[Any]:
+            engine.llm.reset_prefix_cache()  # a recording asks each prompt once
+            return generate_with_routing(engine, prompts, max_new_tokens=new, capture=False)
+
+        speeds = interleaved(
+            {name: lambda e=engine: run(e) for name, engine in engines.items()}, args.repeats
+        )
+        cache = engines["cache on"]
+        cache.llm.reset_prefix_cache()
+        outputs = cache.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            SamplingParams(temperature=0.0, max_tokens=new),
+            use_tqdm=False,
+        )
+        share = sum(o.num_cached_tokens or 0 for o in outputs) / sum(len(p) for p in prompts)
+        print(
+            f"\n{shape}, prefix caching: {n_questions} questions x {len(ECLEKTIC_CHARS)} languages, prompts "
+            f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens sharing a {shared}-token prefix, "
+            f"{new} new tokens, block size {cache.metadata['block_size']}, {args.repeats} interleaved "
+            f"repetitions; {share:.1%} of prompt tokens came from the cache"
+        )
+        for name, values in speeds.items():
+            report(name, values, speeds["cache off"])
 
 
 def param_count(path: Path) -> int:
@@ -240,8 +331,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-model-len", type=int, default=512)
-    parser.add_argument("--kv-gib", type=float, default=1.0, help="KV cache size on the CPU")
-    parser.add_argument("--prefix-caching-cost", action="store_true")
+    parser.add_argument("--prefix-caching", action="store_true", help="measure prefix caching instead")
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()
     device = f"GPU {torch.cuda.get_device_name()}" if on_gpu else "CPU"
@@ -250,8 +340,9 @@ def main() -> None:
         f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING')} "
         f"torch threads {torch.get_num_threads()}, {device}"
     )
+    bench = bench_prefix_caching if args.prefix_caching else bench_shape
     for shape in args.shape or ["tiny", "30m"]:
-        bench_shape(shape, args, on_gpu)
+        bench(shape, args, on_gpu)
 
 
 if __name__ == "__main__":

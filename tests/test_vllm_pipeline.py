@@ -41,10 +41,8 @@ pytestmark = pytest.mark.slow
 
 #: vLLM vs transformers gate weights in float32 (engine-facts: about 1e-4 on these tiny random models).
 WEIGHT_ATOL = 1e-4
-ENGINE = (
-    "--max-num-batched-tokens", "32", "--max-num-seqs", "4", "--max-model-len", "256",
-    "--gpu-memory-utilization", "0.05",
-)  # fmt: skip
+#: Cramped, and otherwise vLLM's defaults: the KV cache is sized by xici's CPU default.
+ENGINE = ("--max-num-batched-tokens", "32", "--max-num-seqs", "4", "--max-model-len", "256")
 N_ABLATED = 9  # q01..q03 in three languages
 
 
@@ -134,7 +132,11 @@ def test_vllm_records_the_transformers_lake(lake: Lake) -> None:
     assert (backend_1, backend_2) == ("transformers", "vllm")
     engine = params_2.pop("engine")
     assert engine["backend"] == "vllm" and engine["prefix_caching"] is False
+    # vLLM's default compiled mode: the taps run inside the torch.compile'd model.
+    assert engine["enforce_eager"] is False and engine["compilation_mode"] > 0
     assert (engine["max_num_batched_tokens"], engine["max_num_seqs"], engine["max_model_len"]) == (32, 4, 256)
+    # No memory setting given: xici sized vLLM-CPU's KV cache (4 sequences of 256 tokens: far under 4 GiB).
+    assert 0 < engine["kv_cache_memory_bytes"] < 4 << 30
     assert params_1.pop("engine") == {"backend": "transformers", "device": "cpu", "dtype": "float32"}
     # Everything else the run row says is the same but the backend.
     assert params_1.pop("backend") == "transformers" and params_2.pop("backend") == "vllm"

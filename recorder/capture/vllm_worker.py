@@ -1,35 +1,47 @@
-"""Inside vLLM's worker: capture every MoE router's logits per (request, position) and deactivate experts.
+"""Inside vLLM's worker: capture every MoE router's logits per (request, position) and deactivate experts,
+in eager mode and in vLLM's compiled modes (torch.compile; CUDA graphs on GPUs).
 
-:class:`RoutingCapture` is installed with ``LLM(..., worker_extension_cls=WORKER_EXTENSION)``; vLLM mixes it
-into its worker class, and the driver (:mod:`xici.recorder.vllm_backend`) calls its ``xici_*`` methods through
-``LLM.collective_rpc``. Only plain data crosses: names, numbers and one bytes blob each way.
+The worker class is vLLM's own with :class:`RoutingCapture` mixed in (``LLM(..., worker_cls=...)``, see
+:func:`worker_class`): right after the model is loaded, and so before vLLM traces and compiles it, the taps
+are installed, and they stay for the engine's life. The driver (:mod:`xici.recorder.vllm_backend`) calls the
+``xici_*`` methods through ``LLM.collective_rpc``; only plain data crosses: names, numbers and one bytes blob
+each way.
 
-For the duration of one ``generate_with_routing`` call the worker holds three kinds of hooks, all found
-through the MoE registry (:meth:`xici.moe.base.MoEArchitecture.vllm_moe_blocks`):
+What runs inside the model is three torch custom ops (``torch.ops.xici.*``, registered below with their
+mutated arguments declared), so torch.compile traces them as opaque calls and a CUDA graph replays their
+kernels; none of them needs Python at replay. They read and write persistent device buffers sized to the
+engine's largest step (``max_num_batched_tokens`` rows), found through the MoE registry
+(:meth:`xici.moe.base.MoEArchitecture.vllm_moe_blocks`):
 
-- a wrapper around the model runner's ``_model_forward`` (its override point, called once per engine step and
-  never by warm-up or dummy runs) reads the step's batch layout before the forward: which request owns each
-  row (``input_batch.req_ids`` and ``query_start_loc``) and each row's token position (the ``positions``
-  argument); padding rows past the scheduled tokens are ignored;
-- a forward hook on each MoE block's router (``gate``) copies the layer's logits, as float32, into the step's
-  ``[rows, n_moe_layers, n_experts]`` buffer;
-- expert masks (each request's rows get that request's mask; rows of other requests are untouched), in one
-  of two ways. Softmax gates: the same hook returns the logits with each masked expert's logit replaced by
-  the row's minimum logit, one float step lower (method.md's deactivation; strictly lowest, so never in the
-  top-k, and the softmax weights stay natural); vLLM's own routing then runs on them, a handful of tensor
-  ops per layer. Gates with a selection bias or group limits, where a minimum logit can still be picked:
-  a wrapper around the fused-experts router's ``select_experts`` replaces the masked rows' routing by the
-  registry gate applied with the mask (masked experts are removed from the top-k), in vLLM's weight
-  convention (some vLLM routers leave ``routed_scaling_factor`` to the runner).
+- a forward hook on each MoE block's router (``gate``) calls ``capture_logits``, which copies the layer's
+  logits (float32) into ``captured [n_moe_layers, rows, n_experts]``; padding rows are written and ignored;
+- expert masks, from the per-row buffer ``row_masks [n_moe_layers, rows, n_experts]`` (True =
+  deactivated; rows of requests without a mask are all False, so they are untouched), in one of two ways.
+  Softmax gates: the same hook returns ``mask_logits``' output, the logits with each masked expert's logit
+  replaced by the row's minimum logit, one float step lower (method.md's deactivation; strictly lowest, so
+  never in the top-k, and the softmax weights stay natural); vLLM's own routing then runs on them. Gates with
+  a selection bias or group limits, where a minimum logit can still be picked: a wrapper around the
+  fused-experts router's ``select_experts`` calls ``mask_selection``, which replaces the routing of rows
+  with a mask by the registry gate applied with the mask (masked experts are removed from the top-k), in
+  vLLM's weight convention (some vLLM routers leave ``routed_scaling_factor`` to the runner).
+
+Python runs around each step, outside the model: a wrapper around the model runner's ``_model_forward``
+(its override point, called once per engine step and never by warm-up or dummy runs) reads the step's batch
+layout before the forward (which request owns each row: ``input_batch.req_ids`` and ``query_start_loc``;
+each row's token position: the ``positions`` argument), fills the per-row buffers from the per-request ones
+(:attr:`_Capture.row_edits`: the masks; a per-request logit bias would be one more such buffer), and after
+the forward keeps a device copy of the step's captured rows.
 
 Captured logits stay on the device; every so often, and at the end, they are turned into top-k ids and
 weights by the registry gate of each layer (the same function the transformers backend uses, so both backends
 store the same quantities), many steps at once. A token computed twice (a preempted request recomputes its
-rows) keeps one row: the last one written for its (request, position).
+rows) keeps one row: the last one written for its (request, position). Outside a ``generate_with_routing``
+call the taps still run (they are compiled in) and what they write is ignored.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,29 +49,109 @@ from typing import Any
 
 import numpy as np
 import torch
+from vllm.utils.torch_utils import direct_register_custom_op
 
 from xici.moe import resolve
 from xici.moe.base import MoELayout
 from xici.moe.gating import LayerGate, SoftmaxTopK
 from xici.warehouse.gates import expert_id_dtype
 
-#: What to pass as ``worker_extension_cls`` to ``vllm.LLM``.
-WORKER_EXTENSION = "xici.recorder.capture.vllm_worker.RoutingCapture"
+#: vLLM's worker class per device type, which :func:`worker_class` extends with :class:`RoutingCapture`.
+_BASE_WORKERS = {
+    "cpu": ("CPUCaptureWorker", "vllm.v1.worker.cpu_worker.CPUWorker"),
+    "cuda": ("GPUCaptureWorker", "vllm.v1.worker.gpu_worker.Worker"),
+}
 
 #: Captured float32 logits kept on the device before they are reduced to top-k ids and weights.
 _PENDING_BYTES = 256 << 20
 
 
+def worker_class(device_type: str) -> str | None:
+    """What to pass as ``worker_cls`` to ``vllm.LLM`` on this device type; None where xici has no worker."""
+    entry = _BASE_WORKERS.get(device_type)
+    return None if entry is None else f"{__name__}.{entry[0]}"
+
+
+def __getattr__(name: str) -> type:
+    """The worker classes, made on first use (importing vLLM's GPU worker on a CPU machine is not free)."""
+    for worker, base in _BASE_WORKERS.values():
+        if worker == name:
+            module, _, base_name = base.rpartition(".")
+            cls = type(name, (RoutingCapture, getattr(importlib.import_module(module), base_name)), {})
+            cls.__module__ = __name__
+            globals()[name] = cls
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -- the custom ops -------------------------------------------------------------------------------------
+
+_LIBRARY = torch.library.Library("xici", "FRAGMENT")
+#: Gates of the layers masked at selection, by the key ``mask_selection`` gets: (registry gate, weight scale).
+_SELECTION_GATES: dict[str, tuple[LayerGate, float]] = {}
+
+
+def _capture_logits(logits: torch.Tensor, captured: torch.Tensor, layer: int) -> None:
+    """Copy one MoE layer's router logits into rows 0..n-1 of ``captured[layer]``."""
+    captured[layer, : logits.shape[0]].copy_(logits)
+
+
+def _capture_logits_fake(logits: torch.Tensor, captured: torch.Tensor, layer: int) -> None:
+    return None
+
+
+def _mask_logits(logits: torch.Tensor, row_masks: torch.Tensor, layer: int) -> torch.Tensor:
+    """The logits with each row's masked experts (``row_masks[layer]``) made strictly the row's lowest."""
+    return _below_min(logits, row_masks[layer, : logits.shape[0]])
+
+
+def _mask_logits_fake(logits: torch.Tensor, row_masks: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.empty_like(logits)
+
+
+def _mask_selection(
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    logits: torch.Tensor,
+    row_masks: torch.Tensor,
+    layer: int,
+    gate_key: str,
+) -> None:
+    """Overwrite vLLM's top-k of the rows with a mask by the registry gate's routing under that mask."""
+    gate, scale = _SELECTION_GATES[gate_key]
+    mask = row_masks[layer, : logits.shape[0]]
+    new_ids, new_weights = gate(logits.float(), mask)
+    masked = mask.any(dim=-1, keepdim=True)
+    ids.copy_(torch.where(masked, new_ids.to(ids.dtype), ids))
+    weights.copy_(torch.where(masked, (new_weights * scale).to(weights.dtype), weights))
+
+
+def _mask_selection_fake(
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    logits: torch.Tensor,
+    row_masks: torch.Tensor,
+    layer: int,
+    gate_key: str,
+) -> None:
+    return None
+
+
+direct_register_custom_op(
+    "capture_logits", _capture_logits, ["captured"], _capture_logits_fake, target_lib=_LIBRARY
+)
+direct_register_custom_op("mask_logits", _mask_logits, [], _mask_logits_fake, target_lib=_LIBRARY)
+direct_register_custom_op(
+    "mask_selection", _mask_selection, ["weights", "ids"], _mask_selection_fake, target_lib=_LIBRARY
+)
+
+
 @dataclass
 class _Step:
-    """The layout of one forward call while it runs."""
+    """The layout of one forward call."""
 
     requests: np.ndarray  # int64 [rows]: batch index of each row's request, -1 for requests not ours
     positions: torch.Tensor  # int64 [rows], device
-    logits: torch.Tensor  # float32 [rows, n_moe_layers, n_experts], device, filled layer by layer
-    masked_rows: torch.Tensor | None  # int64 [m], device: rows whose request has a mask
-    masks: torch.Tensor | None  # bool [m, n_moe_layers, n_experts], device
-    row_masks: torch.Tensor | None  # bool [rows, n_moe_layers, n_experts], device (logit-level layers)
 
 
 @dataclass
@@ -83,7 +175,7 @@ class _Call:
     mask_slots: np.ndarray  # int64 [n_requests]: row of ``masks`` per request, -1 for none
     masks: torch.Tensor | None  # bool [n_masked, n_moe_layers, n_experts], device
     owners: dict[str, int] = field(default_factory=dict)  # vLLM request id -> batch index (cache)
-    pending: list[_Step] = field(default_factory=list)  # steps whose logits are still on the device
+    pending: list[tuple[_Step, torch.Tensor]] = field(default_factory=list)  # steps' logits on the device
     pending_bytes: int = 0
     done: list[_Rows] = field(default_factory=list)
 
@@ -108,7 +200,7 @@ class _Call:
 
 
 class _Capture:
-    """The worker-side state and hooks for one model runner."""
+    """The worker-side buffers, taps and state for one model runner."""
 
     def __init__(self, runner: Any) -> None:
         self.runner = runner
@@ -133,9 +225,27 @@ class _Capture:
             for router, gate in zip(self.routers, self.gates, strict=True)
         ]
         self.device = next(model.parameters()).device
+        shape = (self.layout.n_moe_layers, runner.max_num_tokens, self.layout.n_experts)
+        self.captured = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        #: Per-row edits of the router's work, filled before each step from each request's own; all zero
+        #: (no edit) outside a call and on rows of requests without one.
+        self.row_edits = {"masks": torch.zeros(shape, dtype=torch.bool, device=self.device)}
+        self.edited_rows = 0  # rows 0..edited_rows-1 of the row edits may hold something
         self.call: _Call | None = None
-        self.step: _Step | None = None
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._install()
+
+    def _install(self) -> None:
+        """Put the taps in the model (for good: compilation traces them once)."""
+        for layer, gate in enumerate(self.gate_modules):
+            gate.register_forward_hook(self._gate_hook(layer))
+            if self.at_selection[layer]:
+                router = self.routers[layer]
+                key = f"{id(self)}.{layer}"
+                _SELECTION_GATES[key] = (self.gates[layer], self.weight_scale[layer])
+                router.select_experts = self._wrap_select(
+                    layer, key, type(router).select_experts.__get__(router)
+                )
+        self.runner._model_forward = self._wrap_forward(type(self.runner)._model_forward.__get__(self.runner))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -147,6 +257,7 @@ class _Capture:
             "eplb": any(router.eplb_state is not None for router in self.routers),
             "threads": torch.get_num_threads(),
             "device": str(self.device),
+            "capture_rows": self.captured.shape[1],
         }
 
     # -- call lifecycle -------------------------------------------------------------------------------
@@ -160,26 +271,11 @@ class _Capture:
             masks = torch.from_numpy(np.unpackbits(arrays["packed"], axis=-1, count=self.layout.n_experts))
             masks = masks.to(self.device, torch.bool)
         self.call = _Call(prefix, n_requests, store_logits, slots, masks)
-        self.handles = [
-            gate.register_forward_hook(self._gate_hook(layer)) for layer, gate in enumerate(self.gate_modules)
-        ]
-        self.runner._model_forward = self._wrap_forward(type(self.runner)._model_forward.__get__(self.runner))
-        if masks is not None:
-            for layer, router in enumerate(self.routers):
-                if self.at_selection[layer]:
-                    select = type(router).select_experts.__get__(router)
-                    router.select_experts = self._wrap_select(layer, select)
 
     def end(self) -> None:
-        """Remove every hook and forget the call (also after an error)."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        self.runner.__dict__.pop("_model_forward", None)
-        for router in self.routers:
-            router.__dict__.pop("select_experts", None)
+        """Forget the call and clear the row edits (also after an error)."""
+        self._clear_edits()
         self.call = None
-        self.step = None
 
     def collect(self) -> bytes:
         """The call's routing as one ``.npz`` blob, one row per (request, position), sorted; ends the call."""
@@ -215,22 +311,53 @@ class _Capture:
         finally:
             self.end()
 
-    # -- hooks -----------------------------------------------------------------------------------------
+    # -- taps (traced by torch.compile: tensor ops and the custom ops only) -------------------------------
+
+    def _gate_hook(self, layer: int) -> Callable[..., Any]:
+        on_logits = not self.at_selection[layer]
+        captured, masks = self.captured, self.row_edits["masks"]
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            logits = output[0] if isinstance(output, tuple) else output
+            torch.ops.xici.capture_logits(logits, captured, layer)
+            if not on_logits:
+                return None
+            masked = torch.ops.xici.mask_logits(logits, masks, layer)
+            return (masked, *output[1:]) if isinstance(output, tuple) else masked
+
+        return hook
+
+    def _wrap_select(self, layer: int, key: str, select: Callable[..., Any]) -> Callable[..., Any]:
+        masks = self.row_edits["masks"]
+
+        def select_experts(
+            hidden_states: torch.Tensor,
+            router_logits: torch.Tensor,
+            topk_indices_dtype: torch.dtype | None = None,
+            *,
+            input_ids: torch.Tensor | None = None,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            weights, ids = select(hidden_states, router_logits, topk_indices_dtype, input_ids=input_ids)
+            torch.ops.xici.mask_selection(weights, ids, router_logits, masks, layer, key)
+            return weights, ids
+
+        return select_experts
+
+    # -- around each step (Python, outside the model) ----------------------------------------------------
 
     def _wrap_forward(self, forward: Callable[..., Any]) -> Callable[..., Any]:
         def model_forward(*args: Any, **kwargs: Any) -> Any:
-            self.step = self._layout(kwargs["positions"])
-            try:
-                output = forward(*args, **kwargs)
-            finally:
-                step, self.step = self.step, None
+            if self.call is None:
+                return forward(*args, **kwargs)
+            step = self._layout(kwargs["positions"])
+            output = forward(*args, **kwargs)
             self._keep(step)
             return output
 
         return model_forward
 
     def _layout(self, positions: torch.Tensor) -> _Step:
-        """Who owns each row of the step about to run, and where masked rows are."""
+        """Who owns each row of the step about to run; the row edits filled for it."""
         call = self.call
         assert call is not None
         batch = self.runner.input_batch
@@ -239,58 +366,26 @@ class _Capture:
         owners = np.fromiter((call.owner(r) for r in batch.req_ids[:n_reqs]), dtype=np.int64, count=n_reqs)
         requests = np.repeat(owners, np.diff(starts))
         rows = len(requests)
-        if positions.dim() != 1 or positions.shape[0] < rows:
-            raise RuntimeError(f"unexpected positions {tuple(positions.shape)} for {rows} scheduled tokens")
-        shape = (rows, self.layout.n_moe_layers, self.layout.n_experts)
-        masked_rows = masks = row_masks = None
+        if positions.dim() != 1 or positions.shape[0] < rows or rows > self.captured.shape[1]:
+            raise RuntimeError(
+                f"unexpected positions {tuple(positions.shape)} for {rows} scheduled tokens "
+                f"(buffers of {self.captured.shape[1]} rows)"
+            )
+        self._clear_edits()
         if call.masks is not None:
             where, slots = call.masked(requests)
             if len(where):
-                masked_rows = self._to_device(where)
-                masks = call.masks[self._to_device(slots)]
-                if not all(self.at_selection):
-                    row_masks = torch.zeros(shape, dtype=torch.bool, device=self.device)
-                    row_masks[masked_rows] = masks
-        logits = torch.empty(shape, dtype=torch.float32, device=self.device)
-        return _Step(requests, positions[:rows].clone(), logits, masked_rows, masks, row_masks)
+                self.row_edits["masks"][:, self._to_device(where)] = call.masks[
+                    self._to_device(slots)
+                ].transpose(0, 1)
+                self.edited_rows = rows
+        return _Step(requests, positions[:rows].clone())
 
-    def _gate_hook(self, layer: int) -> Callable[..., Any]:
-        on_logits = not self.at_selection[layer]
-
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-            step = self.step
-            if step is None:
-                return None
-            logits = output[0] if isinstance(output, tuple) else output
-            rows = step.logits.shape[0]
-            step.logits[:, layer] = logits[:rows]
-            if not on_logits or step.row_masks is None:
-                return None
-            off = step.row_masks[:, layer]
-            if logits.shape[0] > rows:  # padding rows past the scheduled tokens
-                off = torch.cat([off, off.new_zeros(logits.shape[0] - rows, off.shape[1])])
-            deactivated = _below_min(logits, off)
-            return (deactivated, *output[1:]) if isinstance(output, tuple) else deactivated
-
-        return hook
-
-    def _wrap_select(self, layer: int, select: Callable[..., Any]) -> Callable[..., Any]:
-        gate, scale = self.gates[layer], self.weight_scale[layer]
-
-        def select_experts(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            weights, ids = select(*args, **kwargs)
-            step = self.step
-            if step is not None and step.masked_rows is not None:
-                assert step.masks is not None
-                rows = step.masked_rows
-                new_ids, new_weights = gate(step.logits[rows, layer], step.masks[:, layer])
-                ids[rows] = new_ids.to(ids.dtype)
-                weights[rows] = (new_weights * scale).to(weights.dtype)
-            return weights, ids
-
-        return select_experts
-
-    # -- bookkeeping -----------------------------------------------------------------------------------
+    def _clear_edits(self) -> None:
+        if self.edited_rows:
+            for buffer in self.row_edits.values():
+                buffer[:, : self.edited_rows] = 0
+            self.edited_rows = 0
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """An index array on the model's device without a stream sync (pinned, non-blocking on a GPU)."""
@@ -299,12 +394,13 @@ class _Capture:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def _keep(self, step: _Step | None) -> None:
+    def _keep(self, step: _Step) -> None:
         call = self.call
-        if step is None or call is None or not (step.requests >= 0).any():
+        if call is None or not (step.requests >= 0).any():
             return
-        call.pending.append(step)
-        call.pending_bytes += step.logits.numel() * 4
+        logits = self.captured[:, : len(step.requests)].clone()
+        call.pending.append((step, logits))
+        call.pending_bytes += logits.numel() * 4
         if call.pending_bytes > _PENDING_BYTES:
             self._reduce()
 
@@ -314,17 +410,17 @@ class _Capture:
         assert call is not None
         if not call.pending:
             return
-        requests = np.concatenate([c.requests for c in call.pending])
-        positions = torch.cat([c.positions for c in call.pending])
-        logits = torch.cat([c.logits for c in call.pending])
+        requests = np.concatenate([step.requests for step, _ in call.pending])
+        positions = torch.cat([step.positions for step, _ in call.pending])
+        logits = torch.cat([captured for _, captured in call.pending], dim=1)  # [L, N, E]
         masks = None
         if call.masks is not None:
             where, slots = call.masked(requests)
             if len(where):
                 masks = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-                masks[self._to_device(where)] = call.masks[self._to_device(slots)]
+                masks[:, self._to_device(where)] = call.masks[self._to_device(slots)].transpose(0, 1)
         parts = [
-            gate(logits[:, layer], None if masks is None else masks[:, layer])
+            gate(logits[layer], None if masks is None else masks[layer])
             for layer, gate in enumerate(self.gates)
         ]
         call.done.append(
@@ -333,7 +429,7 @@ class _Capture:
                 positions.cpu().numpy(),
                 torch.stack([ids for ids, _ in parts], dim=1).cpu().numpy(),
                 torch.stack([weights for _, weights in parts], dim=1).cpu().numpy(),
-                logits.cpu().numpy() if call.store_logits else None,
+                logits.transpose(0, 1).cpu().numpy() if call.store_logits else None,
             )
         )
         call.pending, call.pending_bytes = [], 0
@@ -352,27 +448,29 @@ def _cat(parts: list[Any], pick: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 class RoutingCapture:
-    """vLLM worker extension: the ``xici_*`` methods the driver calls through ``collective_rpc``."""
+    """Mixed into vLLM's worker class (:func:`worker_class`): installs the taps when the model is loaded, and
+    the ``xici_*`` methods the driver calls through ``collective_rpc``."""
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        super().load_model(*args, **kwargs)  # type: ignore[misc]
+        self.__dict__["_xici_state"] = _Capture(self.model_runner)  # type: ignore[attr-defined]
 
     def xici_info(self) -> dict[str, Any]:
-        """Routing shape and runtime facts of this worker (also sets the capture up)."""
+        """Routing shape and runtime facts of this worker."""
         return self._xici_capture().info()
 
     def xici_begin(self, prefix: str, n_requests: int, store_logits: bool, masks_blob: bytes) -> None:
-        """Hook the model for requests ``<prefix><i>``, i < n_requests, with their packed masks."""
+        """Route requests ``<prefix><i>``, i < n_requests, with their packed masks, and capture them."""
         self._xici_capture().begin(prefix, n_requests, store_logits, masks_blob)
 
     def xici_collect(self) -> bytes:
-        """Unhook and return the call's routing (rank 0 only; other tensor-parallel ranks return b"")."""
+        """Return the call's routing (rank 0 only; other tensor-parallel ranks return b"") and end it."""
         blob = self._xici_capture().collect()
         return blob if getattr(self, "rank", 0) == 0 else b""
 
     def xici_abort(self) -> None:
-        """Unhook and drop whatever was captured."""
+        """End the call and drop whatever was captured."""
         self._xici_capture().end()
 
     def _xici_capture(self) -> _Capture:
-        capture = self.__dict__.get("_xici_state")
-        if capture is None:
-            capture = self.__dict__["_xici_state"] = _Capture(self.model_runner)  # type: ignore[attr-defined]
-        return capture
+        return self.__dict__["_xici_state"]
