@@ -4,9 +4,10 @@ One eager engine per architecture, deliberately cramped (32 batched tokens with 
 at a time) so that every batch exercises chunked prefill, continuous batching and more requests than running
 slots, and one Qwen3-MoE engine in vLLM's default compiled mode (torch.compile traces xici's taps; compiling
 takes tens of seconds, so it is the only one), through the same tests; the reference is transformers in
-float32 (``model.generate`` for the tokens, one forward pass with :class:`xici.recorder.capture.hf.RouterTap` for the
-routing). Inside compiled code the kernel spy sees nothing: there, tokens equal to transformers' run under
-the same mask are what show that the expert kernel was given the masked routing.
+float32 (``model.generate`` for the tokens, one forward pass with
+:class:`xici.recorder.capture.hf.RouterTap` for the routing). Inside compiled code the kernel spy sees
+nothing: there, tokens equal to transformers' run under the same mask are what show that the expert kernel
+was given the masked routing.
 """
 
 from __future__ import annotations
