@@ -16,9 +16,9 @@ Engine settings xici imposes, and why (they are in :attr:`VLLMEngine.metadata`):
 - xici's worker class (vLLM's, with :class:`~xici.recorder.capture.vllm_worker.RoutingCapture` mixed in),
   which puts the routing taps in the model before vLLM compiles it. vLLM's compiled mode (its default:
   torch.compile, and CUDA graphs on GPUs) is the default; ``enforce_eager=True`` runs eagerly (faster
-  start-up, slower steps). The compiled code is cached by vLLM and torch (``~/.cache/vllm/torch_compile_cache``
-  and torch Inductor's cache, ``/tmp/torchinductor_$USER`` unless ``TORCHINDUCTOR_CACHE_DIR`` says
-  otherwise), so the next engine of the same model shape starts faster.
+  start-up, slower steps). The compiled code is cached by vLLM and torch
+  (``~/.cache/vllm/torch_compile_cache`` and torch Inductor's cache, ``/tmp/torchinductor_$USER`` unless
+  ``TORCHINDUCTOR_CACHE_DIR`` says otherwise), so the next engine of the same model shape starts faster.
 
 vLLM internals (the model runner's batch layout, the fused-MoE router) are private and change between
 releases, so the backend refuses versions other than the tested one unless ``XICI_VLLM_UNTESTED=1``.

@@ -96,8 +96,8 @@ def _capture_logits(logits: torch.Tensor, captured: torch.Tensor, layer: int) ->
     captured[layer, : logits.shape[0]].copy_(logits)
 
 
-def _capture_logits_fake(logits: torch.Tensor, captured: torch.Tensor, layer: int) -> None:
-    return None
+def _mutates_only(*args: Any) -> None:
+    """Shape function (fake) of the ops that only write into their arguments."""
 
 
 def _mask_logits(logits: torch.Tensor, row_masks: torch.Tensor, layer: int) -> torch.Tensor:
@@ -126,23 +126,10 @@ def _mask_selection(
     weights.copy_(torch.where(masked, (new_weights * scale).to(weights.dtype), weights))
 
 
-def _mask_selection_fake(
-    weights: torch.Tensor,
-    ids: torch.Tensor,
-    logits: torch.Tensor,
-    row_masks: torch.Tensor,
-    layer: int,
-    gate_key: str,
-) -> None:
-    return None
-
-
-direct_register_custom_op(
-    "capture_logits", _capture_logits, ["captured"], _capture_logits_fake, target_lib=_LIBRARY
-)
+direct_register_custom_op("capture_logits", _capture_logits, ["captured"], _mutates_only, target_lib=_LIBRARY)
 direct_register_custom_op("mask_logits", _mask_logits, [], _mask_logits_fake, target_lib=_LIBRARY)
 direct_register_custom_op(
-    "mask_selection", _mask_selection, ["weights", "ids"], _mask_selection_fake, target_lib=_LIBRARY
+    "mask_selection", _mask_selection, ["weights", "ids"], _mutates_only, target_lib=_LIBRARY
 )
 
 
