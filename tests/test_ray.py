@@ -433,8 +433,9 @@ def test_a_vllm_worker_records_the_one_process_vllm_lake(
     ray_cluster: None, tiny_checkpoint, tmp_path: Path
 ) -> None:
     model = str(tiny_checkpoint("qwen3_moe"))
+    # Eager: what is tested is the worker, and compiling twice would take a minute or more.
     engine = {"max_model_len": 256, "max_num_batched_tokens": 64, "max_num_seqs": 4, "block_size": 32,
-              "kv_cache_memory_bytes": 16 * 1024 * 1024}  # fmt: skip
+              "kv_cache_memory_bytes": 16 * 1024 * 1024, "enforce_eager": True}  # fmt: skip
     spec = RecordSpec(model=model, dataset="toy", max_new_tokens=8, dtype="float32", backend="vllm")
     states = []
     with pytest.MonkeyPatch.context() as patch:  # vLLM in the process that runs it (here, or the worker)
