@@ -108,3 +108,19 @@ def _insert_sequence_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: Run
             con.execute(f"insert into seq_means select * from sequence_means('{_BATCH_VIEW}')")
             con.unregister(_BATCH_VIEW)
             bar.advance(task, batch.num_rows // rows_per_token)
+
+
+def weight_per_token(con: duckdb.DuckDBPyConnection, run_id: int) -> float | None:
+    """The gate weight a token's selected experts carry in all, read from the run's first sequence.
+
+    1 for gates that renormalise; ``routed_scaling_factor`` for DeepSeek-V3-style gates (2.5 there); below
+    1 for softmax gates that do not renormalise. m summed over a layer's experts is the sequence's mean of
+    that sum, so the average over layers is the scale that m, deltas and tau live on (docs/method.md,
+    "Weights and the scale of tau"). None before the means are built.
+    """
+    [(total,)] = con.execute(
+        "select sum(m) / any_value(r.n_moe_layers) from seq_means m join runs r using (run_id) "
+        "where m.run_id = $run and m.seq_id = (select min(seq_id) from sequences where run_id = $run)",
+        {"run": run_id},
+    ).fetchall()
+    return total

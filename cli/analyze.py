@@ -10,7 +10,7 @@ from rich.table import Table
 
 from xici.analysis.identify import AnalysisRecord
 from xici.analysis.identify import analyze as run_analyses
-from xici.analysis.means import run_info
+from xici.analysis.means import run_info, weight_per_token
 from xici.analysis.mwu import METHODS as MWU_METHODS
 from xici.analysis.params import (
     DEFAULT_TAU,
@@ -132,6 +132,14 @@ def analyze_with_summary(
     # Idempotent (stored points are reused), so it can simply run again when another process held the lock.
     records = lake.retrying(lambda _: run_analyses(lake, run_id, points))
     console = Console()
+    scale = lake.read(lambda con: weight_per_token(con, run_id))
+    if scale is not None and abs(scale - 1) > 0.02:  # beyond the rounding of 16-bit weights
+        console.print(
+            f"The model's gate weights sum to {scale:.3g} per token, not 1 (scaled, or not renormalised): m, "
+            'the median differences and --tau are on that scale (docs/method.md, "Weights and the scale of '
+            'tau").',
+            highlight=False,
+        )
     rows = {row["analysis_id"]: row for row in lake.read(summaries)}
     if len(records) == 1:
         record = records[0]

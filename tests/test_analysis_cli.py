@@ -9,6 +9,7 @@ import duckdb
 import pytest
 from click.testing import CliRunner, Result
 
+from xici.analysis.means import weight_per_token
 from xici.analysis.params import (
     PRESETS,
     AnalysisParams,
@@ -153,3 +154,18 @@ def test_sweep_grid_and_layer_parsing() -> None:
     with pytest.raises(XiciError, match="max-experts"):
         expand(base, parse_sweep(["max-experts=0"]), 48)
     assert replace(base, tau=0.0) != base
+
+
+def test_weights_that_do_not_sum_to_one_are_said(tmp_path: Path) -> None:
+    """Synthetic weights sum to 1 per token: nothing to say. Scaled like DeepSeek-V3's (x2.5), analyze says
+    that m and tau live on that scale."""
+    root = tmp_path / "lake"
+    write_synthetic_lake(Lake(root), SPEC)
+    plain = xici(root, "analyze", "--run", "1")
+    assert plain.exit_code == 0 and "gate weights sum" not in plain.output
+    with duckdb.connect(str(Lake(root).warehouse_path)) as con:
+        assert weight_per_token(con, 1) == pytest.approx(1.0, abs=1e-3)  # float16 weights
+        con.execute("update seq_means set m = m * 2.5")  # the stored build record still matches: no rebuild
+    scaled = xici(root, "analyze", "--run", "1", "--tau", "0.01")
+    assert scaled.exit_code == 0, scaled.output
+    assert "gate weights sum to 2.5 per token, not 1" in scaled.output
