@@ -1,8 +1,8 @@
 """Sequence and language means, materialised once per run so analyses never rescan Zarr.
 
 :func:`ensure_means` streams the run's ``token_gates`` from Zarr (Arrow batches of whole sequences) through
-the SQL macro ``sequence_means`` (sql/sequence_means.sql) into the table ``seq_means``, then fills
-``lang_means`` from ``language_means`` (sql/language_means.sql). ``seq_means_builds`` records the run's
+the SQL macro ``seq_means`` (sql/seq_means.sql) into the table of the same name, then fills
+``lang_means`` from the macro ``lang_means`` (sql/lang_means.sql). ``seq_means_builds`` records the run's
 sequence and token counts at build time; the next call compares them with the run as it is now, and
 rebuilds only when the run has changed (sequences are only ever appended, so the counts tell).
 
@@ -83,10 +83,10 @@ def ensure_means(lake: Lake, run_id: int) -> bool:
     info = lake.write(stale)
     if info is None:
         return False
-    lake.write(lambda con: _insert_sequence_means(lake, con, info))
+    lake.write(lambda con: _insert_sequence_means(lake, con, info), atomic=False)
 
     def finish(con: duckdb.DuckDBPyConnection) -> None:
-        con.execute("insert into lang_means select * from language_means(?)", [run_id])
+        con.execute("insert into lang_means select * from lang_means(?)", [run_id])
         con.execute(
             "insert into seq_means_builds (run_id, n_sequences, n_tokens) values (?, ?, ?)",
             [run_id, info.n_sequences, info.n_tokens],
@@ -111,7 +111,7 @@ def _insert_sequence_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: Run
                 raise RuntimeError("token_gates split a sequence across Arrow batches")
             previous_last = seq_ids[-1].as_py()
             con.register(_BATCH_VIEW, pa.Table.from_batches([batch]))
-            con.execute(f"insert into seq_means select * from sequence_means('{_BATCH_VIEW}')")
+            con.execute(f"insert into seq_means select * from seq_means('{_BATCH_VIEW}')")
             con.unregister(_BATCH_VIEW)
             bar.advance(task, batch.num_rows // rows_per_token)
 
