@@ -132,9 +132,7 @@ def test_sequence_means_macro_on_any_gates_relation(hand_lake: tuple[Lake, int, 
             f"({seq_ids['B']}, 0, 0::SMALLINT, 2::SMALLINT, 0.9::FLOAT)) "
             "t(seq_id, pos, layer, expert, weight)"
         )
-        rows = con.execute(
-            "select expert, m, seq_rank from seq_means('my_gates') order by expert"
-        ).fetchall()
+        rows = con.execute("select expert, m, seq_rank from seq_means('my_gates') order by expert").fetchall()
     assert [(e, r) for e, _, r in rows] == [(1, 2), (2, 1)]
     for _, m, _ in rows:
         assert (m * 2**32).is_integer()
