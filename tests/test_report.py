@@ -225,6 +225,8 @@ def test_report_writes_markdown_html_and_every_figure(report: Path) -> None:
     md = (report / "report.md").read_text()
     for name in names - {"report.md", "report.html"}:
         assert f"]({name})" in md
+    # the test's method and the random baseline's pool are named, not left implicit
+    assert "Mann-Whitney p auto, groups ≥ 1" in md and "| random set (window) |" in md
 
 
 def test_html_is_self_contained(report: Path) -> None:
