@@ -37,7 +37,7 @@ import pyarrow as pa
 from scipy.stats import rankdata
 
 from xici.analysis.means import RunInfo, ensure_means, run_info
-from xici.analysis.mwu import below, mannwhitneyu_greater
+from xici.analysis.mwu import below, exact_fits, mannwhitneyu_greater
 from xici.analysis.params import AnalysisParams, analysis_key, param_names
 from xici.errors import XiciError
 from xici.progress import progress_bar
@@ -119,6 +119,12 @@ def compute_tests(
     correct_before = np.r_[0, np.cumsum(graded["correct"])]
     n_correct = correct_before[starts + counts] - correct_before[starts]
     langs, lang_of_row = np.unique(graded["lang"], return_inverse=True)
+    if mwu == "exact" and not all(map(exact_fits, n_correct, counts - n_correct)):
+        raise XiciError(
+            f"run {info.run_id} has a question with {counts.max()} languages, too many for the exact test",
+            where="--mwu exact",
+            fix="use --mwu auto or asymptotic (exact counts are kept for up to 66 languages a question)",
+        )
     n_columns = (layer_stop - layer_start) * info.n_experts
     lang_means = _lang_means(con, info, langs, layer_start, layer_stop)
 

@@ -108,12 +108,17 @@ def mannwhitneyu_greater(x: np.ndarray, y: np.ndarray, method: str = "auto") -> 
             z = numerator / s
         p[~exact] = special.ndtr(-z)
     if exact.any():
-        if math.comb(n, min(n1, n // 2)) >= _COUNT_LIMIT:
+        if not exact_fits(n1, n2):
             raise ValueError(f"the exact test is limited to about 66 values in all, got {n}")
         # Doubled rank sums are integers: 2 R1 = twice_rank_sum + 2 n1.
         extreme[exact] = _tail_counts_of(opens[:, exact], n1, twice_rank_sum[exact] + 2 * n1)
         p[exact] = extreme[exact] / total
     return MWUResult(u1, np.clip(p, 0.0, 1.0), extreme, total)
+
+
+def exact_fits(n1: int, n2: int) -> bool:
+    """Whether the exact counts of groups of n1 and n2 values fit the int64 they are counted in."""
+    return math.comb(n1 + n2, min(n1, (n1 + n2) // 2)) < _COUNT_LIMIT
 
 
 def below(result_p: np.ndarray, extreme: np.ndarray, total: int, alpha: float) -> np.ndarray:

@@ -10,7 +10,8 @@ and reused by later runs (a temporary folder, deleted at the end, without --lake
 
 Timed, wall clock and CPU (this machine is shared, so wall time depends on the load, printed too):
 1. building the means (seq_means + lang_means) from the Zarr gates;
-2. one full analysis with Qwen3-30B-A3B's parameters (layers 6:42, tau 0.005, alpha 0.05, cap 25);
+2. one full analysis with Qwen3-30B-A3B's parameters (layers 6:42, tau 0.005, alpha 0.05, cap 25), then
+   the same with ``--mwu exact`` (the permutation distribution for every expert, ties included);
 3. a 30-point sweep, tau in {0.001, 0.003, 0.005, 0.01, 0.05} x max-experts in {5, 15, 25, 35, 45, 65},
    once the means exist;
 4. the straightforward alternative: one scipy.stats.mannwhitneyu call per question and expert, on the

@@ -337,3 +337,12 @@ def test_min_group_skips_small_questions(planted: tuple[Lake, SyntheticLake]) ->
             assert row == all_rows[qid]
     sets = _sets(lake, every.analysis_id)
     assert _sets(lake, large.analysis_id) == {q: s for q, s in sets.items() if q not in small}
+
+
+def test_exact_test_refuses_questions_too_large_to_count(tmp_path: Path) -> None:
+    lake = Lake(tmp_path)
+    synthetic = write_synthetic_lake(lake, replace(SPEC, questions=((4, 70),), dataset="wide"))
+    with pytest.raises(XiciError, match="70 languages, too many for the exact test"):
+        analyze(lake, synthetic.run_id, [resolve(None, 8, mwu="exact")])
+    [record] = analyze(lake, synthetic.run_id, [resolve(None, 8, mwu="auto")])  # auto stays possible
+    assert record.created
