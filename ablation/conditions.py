@@ -63,6 +63,7 @@ class Analysis:
     layer_stop: int
     blacklist_top: float
     blacklist_share: float
+    blacklist: bool  # False: the analysis dropped the blacklist step, so the pool is the whole window
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def parse_baselines(text: str) -> tuple[str, ...]:
 def load_analysis(con: duckdb.DuckDBPyConnection, analysis_id: int) -> Analysis:
     row = con.execute(
         "select analysis_id, analysis_key, run_id, grader, layer_start, layer_stop, blacklist_top, "
-        "blacklist_share from analyses where analysis_id = ?",
+        "blacklist_share, blacklist from analyses where analysis_id = ?",
         [analysis_id],
     ).fetchone()
     if row is None:
@@ -136,7 +137,7 @@ def random_pool(
     """The analysis' window, or its window minus its blacklist (which needs the run's means and the
     views: see analysis.means)."""
     black = set()
-    if check_random_pool(pool) == "window-minus-blacklist":
+    if check_random_pool(pool) == "window-minus-blacklist" and analysis.blacklist:
         black = set(
             con.execute(
                 "select layer, expert from blacklist(?, ?, ?)",

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import duckdb
 import numpy as np
@@ -71,6 +71,8 @@ class QuestionTests:
     total: list[int]  # per question, C(n_correct + n_wrong, n_correct)
     n_correct: np.ndarray  # [questions]
     n_wrong: np.ndarray
+    #: [questions, columns]: token-weighted mean over C minus over W (risk difference of frequencies)
+    pooled_diff: np.ndarray | None = None
 
     def columns(self, layer_start: int, layer_stop: int, blacklist: np.ndarray) -> np.ndarray:
         """Mask of the columns inside [layer_start, layer_stop) and not blacklisted ([k, 2] layer, expert)."""
@@ -99,14 +101,29 @@ class AnalysisRecord:
     created: bool
 
 
+#: What a localizer contrasts per (sequence, layer, expert): the mean gate weight m (Eq. 1) or the routing
+#: frequency f (the share of the sequence's tokens that selected the expert: risk-diff).
+VALUES = ("weights", "frequency")
+
+
 def compute_tests(
-    con: duckdb.DuckDBPyConnection, info: RunInfo, grader: str, mwu: str, layer_start: int, layer_stop: int
+    con: duckdb.DuckDBPyConnection,
+    info: RunInfo,
+    grader: str,
+    mwu: str,
+    layer_start: int,
+    layer_stop: int,
+    *,
+    values: str = "weights",
+    lang_mean: bool = True,
 ) -> QuestionTests:
-    """Mann-Whitney U, p and median difference for every mixed question and (layer, expert) in the range;
-    ``mwu`` is the test's method (auto, exact, asymptotic)."""
+    """Mann-Whitney U, p, median and pooled differences for every mixed question and (layer, expert) in the
+    range; ``mwu`` is the test's method (auto, exact, asymptotic), ``values`` what is contrasted (VALUES),
+    ``lang_mean`` whether each language's mean is subtracted first (Eq. 2)."""
     graded = con.execute(
-        "select g.seq_id, g.question_id, g.lang, g.correct "
+        "select g.seq_id, g.question_id, g.lang, g.correct, s.n_tokens "
         "from sequence_grades($run, $grader) g join question_outcomes($run, $grader) o using (question_id) "
+        "join sequences s using (seq_id) "
         "where o.outcome = 'mixed' and g.correct is not null "
         "order by g.question_id, g.correct desc, g.lang, g.seq_id",
         {"run": info.run_id, "grader": grader},
@@ -126,24 +143,32 @@ def compute_tests(
             fix="use --mwu auto or asymptotic (exact counts are kept for up to 66 languages a question)",
         )
     n_columns = (layer_stop - layer_start) * info.n_experts
-    lang_means = _lang_means(con, info, langs, layer_start, layer_stop)
+    lang_means = (
+        _lang_means(con, info, langs, layer_start, layer_stop, values)
+        if lang_mean
+        else np.zeros((n_columns, len(langs)))
+    )
+    tokens = graded["n_tokens"].astype(np.float64)
 
     shape = (len(starts), n_columns)
-    u, p, median_diff = np.empty(shape), np.empty(shape), np.empty(shape)
+    u, p, median_diff, pooled_diff = np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape)
     extreme, total = np.zeros(shape, dtype=np.int64), []
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"tests of run {info.run_id}", total=len(starts))
         for first, stop in _blocks(starts, counts):
             lo, hi = starts[first], starts[stop - 1] + counts[stop - 1]
-            means = _dense_means(con, info, graded["seq_id"][lo:hi], layer_start, layer_stop)
+            dense = _dense_values(con, info, graded["seq_id"][lo:hi], layer_start, layer_stop, values)
             for q in range(first, stop):
                 a, b = starts[q] - lo, starts[q] - lo + counts[q]
-                deltas = means[:, a:b] - lang_means[:, lang_of_row[lo + a : lo + b]]  # Eq. 2
-                correct, wrong = deltas[:, : n_correct[q]], deltas[:, n_correct[q] :]
+                deltas = dense[:, a:b] - lang_means[:, lang_of_row[lo + a : lo + b]]  # Eq. 2
+                k = n_correct[q]
+                correct, wrong = deltas[:, :k], deltas[:, k:]
                 test = mannwhitneyu_greater(correct, wrong, mwu)
                 u[q], p[q], extreme[q] = test.u, test.p, test.extreme
                 total.append(test.total)
                 median_diff[q] = _row_medians(correct) - _row_medians(wrong)
+                n = tokens[lo + a : lo + b]  # pooled over tokens: SteerMoE's shares
+                pooled_diff[q] = correct @ n[:k] / n[:k].sum() - wrong @ n[k:] / n[k:].sum()
             bar.advance(task, stop - first)
     questions = [str(q) for q in question_of_row[starts]]
     n_wrong = counts - n_correct
@@ -159,22 +184,37 @@ def compute_tests(
         total,
         n_correct,
         n_wrong,
+        pooled_diff,
     )
 
 
 def select_experts(
-    tests: QuestionTests, q: int, params: AnalysisParams, columns: np.ndarray
+    tests: QuestionTests, q: int, params: AnalysisParams, columns: np.ndarray, budget: int | None = None
 ) -> Selection | None:
-    """Steps 4-6 for question ``q`` of ``tests`` over the allowed ``columns`` (a mask); None when the
-    question has fewer than ``min_group`` correct or wrong languages and is not tested."""
+    """Steps 4-6 for question ``q`` of ``tests`` over the allowed ``columns`` (a mask), or a rival
+    localizer's ranking (:func:`scores`); at most ``budget`` experts when given (and never more than the
+    cap). None when the question has fewer than ``min_group`` correct or wrong languages and is not tested."""
     if min(tests.n_correct[q], tests.n_wrong[q]) < params.min_group:
         return None
     p, diff = tests.p[q], tests.median_diff[q]
     significant = columns & below(p, tests.extreme[q], tests.total[q], params.alpha)
-    passing = np.flatnonzero(significant & (diff > params.tau))
-    combined = rankdata(p[passing]) + rankdata(-diff[passing])
-    order = np.lexsort((passing, -diff[passing], p[passing], combined))
-    return Selection(int(significant.sum()), len(passing), passing[order][: params.max_experts])
+    if params.method == "xici":
+        passing = np.flatnonzero(significant & (diff > params.tau))
+        combined = rankdata(p[passing]) + rankdata(-diff[passing])
+        order = np.lexsort((passing, -diff[passing], p[passing], combined))
+    else:
+        score = scores(tests, params.method)[q]
+        threshold = params.tau if params.method == "median-diff" else 0.0
+        passing = np.flatnonzero(columns & (score > threshold))
+        order = np.lexsort((passing, -score[passing]))
+    cap = params.max_experts if budget is None else min(budget, params.max_experts)
+    return Selection(int(significant.sum()), len(passing), passing[order][:cap])
+
+
+def scores(tests: QuestionTests, method: str) -> np.ndarray | None:
+    """What a rival localizer ranks by [questions, columns]: the median difference (median-diff, which
+    also needs it above tau) or the pooled difference of frequencies (risk-diff, above 0); None for XICI."""
+    return {"median-diff": tests.median_diff, "risk-diff": tests.pooled_diff}.get(method)
 
 
 def data_fingerprint(con: duckdb.DuckDBPyConnection, info: RunInfo, grader: str) -> dict[str, object]:
@@ -205,37 +245,78 @@ def changed_analyses(con: duckdb.DuckDBPyConnection) -> list[tuple[int, int]]:
 
 def analyze(lake: Lake, run_id: int, points: list[AnalysisParams]) -> list[AnalysisRecord]:
     """Analyses of a run for each parameter point, reusing the stored ones with the same key."""
-
-    def look_up(con: duckdb.DuckDBPyConnection) -> tuple[RunInfo, list[str], dict[str, int]]:
+    with lake.transaction() as con:
         apply_views(con)
         info = run_info(con, run_id)
         fingerprints = {g: data_fingerprint(con, info, g) for g in sorted({pt.grader for pt in points})}
         keys = [analysis_key(run_id, fingerprints[pt.grader], pt) for pt in points]
-        stored = con.execute(
-            "select analysis_key, analysis_id from analyses where analysis_key in (select unnest(?))", [keys]
-        ).fetchall()
-        return info, keys, dict(stored)
-
-    info, keys, stored = lake.write(look_up)
+        stored = dict(
+            con.execute(
+                "select analysis_key, analysis_id from analyses where analysis_key in (select unnest(?))",
+                [keys],
+            ).fetchall()
+        )
     missing = [i for i, key in enumerate(keys) if key not in stored]
     if missing:
         ensure_means(lake, run_id)
-
-        def compute(con: duckdb.DuckDBPyConnection) -> None:
-            blacklists: dict[tuple[float, float], np.ndarray] = {}
-            for grader, mwu in sorted({(points[i].grader, points[i].mwu) for i in missing}):
-                mine = [i for i in missing if (points[i].grader, points[i].mwu) == (grader, mwu)]
-                start = min(points[i].layer_start for i in mine)
-                stop = max(points[i].layer_stop for i in mine)
-                graded = _graded(con, info, grader, mwu, start, stop)
-                for i in mine:
-                    pair = (points[i].blacklist_top, points[i].blacklist_share)
-                    if pair not in blacklists:
-                        blacklists[pair] = _blacklist(con, info, *pair)
-                    stored[keys[i]] = _store(con, info, points[i], keys[i], graded, blacklists[pair])
-
-        lake.write(compute)
+        with lake.transaction() as con:
+            inputs = _Inputs(con, info, [points[i] for i in missing])
+            for i in missing:
+                stored[keys[i]] = _store(con, info, points[i], keys[i], inputs)
     return [AnalysisRecord(stored[keys[i]], pt, i in missing) for i, pt in enumerate(points)]
+
+
+def reference(params: AnalysisParams) -> AnalysisParams:
+    """The XICI point (with both of its steps) whose set sizes a rival localizer with budget ``matched``
+    follows."""
+    return replace(params, method="xici", lang_mean=True, blacklist=True, budget="matched")
+
+
+class _Inputs:
+    """Tests, outcomes and blacklists of one run, computed once for all the points of a call (a sweep):
+    tests per grader, test method, contrasted values and language-mean step, over the widest window."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, info: RunInfo, points: list[AnalysisParams]) -> None:
+        self.con, self.info = con, info
+        self.window = {
+            grader: (
+                min(pt.layer_start for pt in points if pt.grader == grader),
+                max(pt.layer_stop for pt in points if pt.grader == grader),
+            )
+            for grader in {pt.grader for pt in points}
+        }
+        self._graded: dict[tuple[str, str, str, bool], _Graded] = {}
+        self._blacklists: dict[tuple[float, float], np.ndarray] = {}
+
+    def graded(self, params: AnalysisParams) -> _Graded:
+        values = "frequency" if params.method == "risk-diff" else "weights"
+        key = (params.grader, params.mwu, values, params.lang_mean)
+        if key not in self._graded:
+            start, stop = self.window[params.grader]
+            self._graded[key] = _graded(self.con, self.info, *key, start, stop)
+        return self._graded[key]
+
+    def blacklist(self, params: AnalysisParams) -> np.ndarray:
+        if not params.blacklist:
+            return np.empty((0, 2), dtype=np.int64)
+        pair = (params.blacklist_top, params.blacklist_share)
+        if pair not in self._blacklists:
+            self._blacklists[pair] = _blacklist(self.con, self.info, *pair)
+        return self._blacklists[pair]
+
+    def selections(self, params: AnalysisParams) -> dict[str, Selection]:
+        """The selected experts of every tested question (skipped ones left out)."""
+        tests = self.graded(params).tests
+        columns = tests.columns(params.layer_start, params.layer_stop, self.blacklist(params))
+        budgets: dict[str, int | None] = dict.fromkeys(tests.question_ids)
+        if params.method != "xici" and params.budget == "matched":
+            matched = self.selections(reference(params))
+            budgets = {qid: len(matched[qid].columns) if qid in matched else 0 for qid in tests.question_ids}
+        selections = {
+            qid: select_experts(tests, q, params, columns, budgets[qid])
+            for q, qid in enumerate(tests.question_ids)
+        }
+        return {qid: selection for qid, selection in selections.items() if selection is not None}
 
 
 @dataclass(frozen=True)
@@ -248,7 +329,14 @@ class _Graded:
 
 
 def _graded(
-    con: duckdb.DuckDBPyConnection, info: RunInfo, grader: str, mwu: str, layer_start: int, layer_stop: int
+    con: duckdb.DuckDBPyConnection,
+    info: RunInfo,
+    grader: str,
+    mwu: str,
+    values: str,
+    lang_mean: bool,
+    layer_start: int,
+    layer_stop: int,
 ) -> _Graded:
     [(graded,)] = con.execute(
         "select count(correct) from sequence_grades(?, ?)", [info.run_id, grader]
@@ -276,7 +364,8 @@ def _graded(
         "from language_accuracy(?, ?)",
         [info.run_id, grader],
     ).fetchall()
-    return _Graded(compute_tests(con, info, grader, mwu, layer_start, layer_stop), outcomes, accuracy)
+    tests = compute_tests(con, info, grader, mwu, layer_start, layer_stop, values=values, lang_mean=lang_mean)
+    return _Graded(tests, outcomes, accuracy)
 
 
 def _blacklist(con: duckdb.DuckDBPyConnection, info: RunInfo, top: float, share: float) -> np.ndarray:
@@ -286,18 +375,13 @@ def _blacklist(con: duckdb.DuckDBPyConnection, info: RunInfo, top: float, share:
 
 
 def _store(
-    con: duckdb.DuckDBPyConnection,
-    info: RunInfo,
-    params: AnalysisParams,
-    key: str,
-    graded: _Graded,
-    blacklist: np.ndarray,
+    con: duckdb.DuckDBPyConnection, info: RunInfo, params: AnalysisParams, key: str, inputs: _Inputs
 ) -> int:
     """Select the experts of one parameter point and write the analysis; returns its id."""
+    graded = inputs.graded(params)
     tests = graded.tests
-    columns = tests.columns(params.layer_start, params.layer_stop, blacklist)
-    selections = {qid: select_experts(tests, q, params, columns) for q, qid in enumerate(tests.question_ids)}
-    picked = {qid: selection for qid, selection in selections.items() if selection is not None}
+    blacklist = inputs.blacklist(params)
+    picked = inputs.selections(params)
     [(analysis_id,)] = con.execute("select coalesce(max(analysis_id), 0) + 1 from analyses").fetchall()
     names = param_names()
     con.execute(
@@ -330,7 +414,7 @@ def _store(
             for qid, outcome, n_correct, n_wrong, n_ungraded in graded.outcomes
         ],
     )
-    expert_rows = _expert_rows(analysis_id, tests, picked)
+    expert_rows = _expert_rows(analysis_id, tests, picked, scores(tests, params.method))
     for table, rows in (("analysis_questions", question_rows), ("analysis_experts", expert_rows)):
         con.register(_CHUNK_VIEW, rows)
         con.execute(f"insert into {table} by name select * from {_CHUNK_VIEW}")
@@ -338,7 +422,9 @@ def _store(
     return analysis_id
 
 
-def _expert_rows(analysis_id: int, tests: QuestionTests, picked: dict[str, Selection]) -> pa.Table:
+def _expert_rows(
+    analysis_id: int, tests: QuestionTests, picked: dict[str, Selection], score: np.ndarray | None
+) -> pa.Table:
     q_index = {qid: q for q, qid in enumerate(tests.question_ids)}
     parts = [(q_index[qid], s.columns) for qid, s in picked.items() if len(s.columns)]
     q = np.concatenate([np.full(len(c), q, dtype=np.int64) for q, c in parts]) if parts else np.empty(0, int)
@@ -354,6 +440,7 @@ def _expert_rows(analysis_id: int, tests: QuestionTests, picked: dict[str, Selec
             "u": pa.array(tests.u[q, col]),
             "p": pa.array(tests.p[q, col]),
             "median_diff": pa.array(tests.median_diff[q, col]),
+            "score": pa.nulls(len(q), pa.float64()) if score is None else pa.array(score[q, col]),
         }
     )
 
@@ -371,11 +458,18 @@ def _blocks(starts: np.ndarray, counts: np.ndarray) -> Iterator[tuple[int, int]]
 
 
 def _lang_means(
-    con: duckdb.DuckDBPyConnection, info: RunInfo, langs: np.ndarray, layer_start: int, layer_stop: int
+    con: duckdb.DuckDBPyConnection,
+    info: RunInfo,
+    langs: np.ndarray,
+    layer_start: int,
+    layer_stop: int,
+    values: str = "weights",
 ) -> np.ndarray:
-    """Dense language means [columns, languages] (zero where no row is stored)."""
+    """Dense language means of the ``values`` [columns, languages] (zero where no row is stored)."""
+    value = "mean" if values == "weights" else "frequency"
     rows = con.execute(
-        "select lang, layer, expert, mean from lang_means where run_id = ? and layer >= ? and layer < ?",
+        f"select lang, layer, expert, {value} as mean from lang_means "
+        "where run_id = ? and layer >= ? and layer < ?",
         [info.run_id, layer_start, layer_stop],
     ).fetchnumpy()
     dense = np.zeros(((layer_stop - layer_start) * info.n_experts, len(langs)))
@@ -385,15 +479,22 @@ def _lang_means(
     return dense
 
 
-def _dense_means(
-    con: duckdb.DuckDBPyConnection, info: RunInfo, seq_ids: np.ndarray, layer_start: int, layer_stop: int
+def _dense_values(
+    con: duckdb.DuckDBPyConnection,
+    info: RunInfo,
+    seq_ids: np.ndarray,
+    layer_start: int,
+    layer_stop: int,
+    values: str = "weights",
 ) -> np.ndarray:
-    """m [columns, sequences] for these sequences, in their order; 0 wherever no row is stored."""
-    means = np.zeros(((layer_stop - layer_start) * info.n_experts, len(seq_ids)))
+    """m (or the routing frequency f) [columns, sequences] for these sequences, in their order; 0 wherever no
+    row is stored."""
+    dense = np.zeros(((layer_stop - layer_start) * info.n_experts, len(seq_ids)))
+    value = "m.m" if values == "weights" else "m.n_selected / s.n_tokens"
     con.register(_CHUNK_VIEW, pa.table({"seq_id": seq_ids, "row": np.arange(len(seq_ids))}))
     found = con.sql(
-        f"select ((m.layer::BIGINT - $start) * $experts + m.expert) * $rows + c.row as cell, m.m "
-        f"from seq_means m join {_CHUNK_VIEW} c using (seq_id) "
+        f"select ((m.layer::BIGINT - $start) * $experts + m.expert) * $rows + c.row as cell, {value} as v "
+        f"from seq_means m join {_CHUNK_VIEW} c using (seq_id) join sequences s using (seq_id) "
         "where m.run_id = $run and m.layer >= $start and m.layer < $stop",
         params={
             "run": info.run_id,
@@ -404,8 +505,8 @@ def _dense_means(
         },
     ).to_arrow_table()
     con.unregister(_CHUNK_VIEW)
-    means.reshape(-1)[found.column("cell").to_numpy()] = found.column("m").to_numpy()
-    return means
+    dense.reshape(-1)[found.column("cell").to_numpy()] = found.column("v").to_numpy()
+    return dense
 
 
 def _row_medians(values: np.ndarray) -> np.ndarray:

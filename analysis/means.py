@@ -1,8 +1,8 @@
 """Sequence and language means, materialised once per run so analyses never rescan Zarr.
 
 :func:`ensure_means` streams the run's ``token_gates`` from Zarr (Arrow batches of whole sequences) through
-the SQL macro ``seq_means`` (sql/seq_means.sql) into the table of the same name, then fills
-``lang_means`` from the macro ``lang_means`` (sql/lang_means.sql). ``seq_means_builds`` records the run's
+the SQL macro ``sequence_means`` (sql/sequence_means.sql) into the table ``seq_means``, then fills
+``lang_means`` from ``language_means`` (sql/language_means.sql). ``seq_means_builds`` records the run's
 sequence and token counts at build time; the next call compares them with the run as it is now, and
 rebuilds only when the run has changed (sequences are only ever appended, so the counts tell).
 
@@ -66,33 +66,27 @@ def run_info(con: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
 
 def ensure_means(lake: Lake, run_id: int) -> bool:
     """Build the run's means unless they match the run as it is now; returns whether they were built."""
-
-    def stale(con: duckdb.DuckDBPyConnection) -> RunInfo | None:
-        """The run's info when its means must be built (the old ones deleted), None when they are current."""
+    with lake.transaction() as con:
         apply_views(con)
         info = run_info(con, run_id)
         built = con.execute(
             "select n_sequences, n_tokens from seq_means_builds where run_id = ?", [run_id]
         ).fetchall()
         if built == [(info.n_sequences, info.n_tokens)]:
-            return None
+            return False
         for table in ("seq_means", "lang_means", "seq_means_builds"):
             con.execute(f"delete from {table} where run_id = ?", [run_id])
-        return info
-
-    info = lake.write(stale)
-    if info is None:
-        return False
-    lake.write(lambda con: _insert_sequence_means(lake, con, info), atomic=False)
-
-    def finish(con: duckdb.DuckDBPyConnection) -> None:
-        con.execute("insert into lang_means select * from lang_means(?)", [run_id])
+    con = lake.connect()
+    try:
+        _insert_sequence_means(lake, con, info)
+    finally:
+        con.close()
+    with lake.transaction() as con:
+        con.execute("insert into lang_means select * from language_means(?)", [run_id])
         con.execute(
             "insert into seq_means_builds (run_id, n_sequences, n_tokens) values (?, ?, ?)",
             [run_id, info.n_sequences, info.n_tokens],
         )
-
-    lake.write(finish)
     return True
 
 
@@ -111,7 +105,7 @@ def _insert_sequence_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: Run
                 raise RuntimeError("token_gates split a sequence across Arrow batches")
             previous_last = seq_ids[-1].as_py()
             con.register(_BATCH_VIEW, pa.Table.from_batches([batch]))
-            con.execute(f"insert into seq_means select * from seq_means('{_BATCH_VIEW}')")
+            con.execute(f"insert into seq_means select * from sequence_means('{_BATCH_VIEW}')")
             con.unregister(_BATCH_VIEW)
             bar.advance(task, batch.num_rows // rows_per_token)
 

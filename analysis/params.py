@@ -30,6 +30,21 @@ METHOD_VERSION = 2  # 2: "p < alpha" decided on exact counts where p is exact; -
 
 DEFAULT_TAU = 0.005
 
+#: Localizers (method.md, "Rival localizers"): ``xici`` (the test), ``median-diff`` (the same deltas ranked
+#: by median difference, no test), ``risk-diff`` (SteerMoE's contrast of routing frequencies).
+METHODS: tuple[str, ...] = ("xici", "risk-diff", "median-diff")
+#: How many experts a rival localizer keeps per question: ``matched``, as many as XICI's set of the same
+#: parameters (so rates compare like for like); ``cap``, up to ``max_experts``. XICI itself ignores it.
+BUDGETS: tuple[str, ...] = ("matched", "cap")
+#: Fields added with the rival localizers, and their values before them: left out of the analysis key at
+#: these values, so analyses stored earlier keep their keys.
+_LOCALIZER_DEFAULTS: dict[str, Any] = {
+    "method": "xici",
+    "lang_mean": True,
+    "blacklist": True,
+    "budget": "matched",
+}
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -64,6 +79,10 @@ class AnalysisParams:
     grader: str = "match"
     mwu: str = "auto"  # how the test's p is computed: auto, exact or asymptotic (analysis/mwu.py)
     min_group: int = 1  # a question is tested with at least this many correct and this many wrong languages
+    method: str = "xici"  # the localizer (METHODS)
+    lang_mean: bool = True  # subtract the language mean (Eq. 2); False drops that step
+    blacklist: bool = True  # never choose generalist experts; False drops that step
+    budget: str = "matched"  # experts per question of a rival localizer (BUDGETS)
 
     def validate(self, n_moe_layers: int) -> None:
         """Refuse values that make no sense for a run with ``n_moe_layers`` MoE layers."""
@@ -94,9 +113,26 @@ class AnalysisParams:
             )
         if self.min_group < 1:
             raise XiciError(f"min-group must be at least 1, got {self.min_group}", where="--min-group")
+        for name, value, known in (("method", self.method, METHODS), ("budget", self.budget, BUDGETS)):
+            if value not in known:
+                fix = f"use one of {', '.join(known)}"
+                raise XiciError(f"unknown {name} {value!r}", where=f"--{name}", fix=fix)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def method_label(params: AnalysisParams | dict[str, Any]) -> str:
+    """``risk-diff`` / ``xici, no language mean`` / ``median-diff (cap), no blacklist``: the localizer and
+    the steps it dropped."""
+    values = params.as_dict() if isinstance(params, AnalysisParams) else params
+    label = values["method"] + (" (cap)" if values["method"] != "xici" and values["budget"] == "cap" else "")
+    dropped = [
+        name
+        for name, step in (("lang_mean", "language mean"), ("blacklist", "blacklist"))
+        if not values[name]
+    ]
+    return ", ".join([label, *(f"no {step}" for step in dropped)])
 
 
 def default_window(n_moe_layers: int) -> tuple[int, int]:
@@ -164,6 +200,7 @@ SWEEPABLE: dict[str, tuple[str, Any]] = {
     "layers": ("layers", parse_layers),
     "mwu": ("mwu", str),
     "min-group": ("min_group", int),
+    "method": ("method", str),
 }
 
 
@@ -206,6 +243,9 @@ def analysis_key(run_id: int, fingerprint: dict[str, Any], params: AnalysisParam
     """sha256 of what decides the result: the method version, the run's data and the parameters (as stored
     in ``analyses.params``, or the dataclass)."""
     values = params.as_dict() if isinstance(params, AnalysisParams) else params
+    values = {k: v for k, v in values.items() if k not in _LOCALIZER_DEFAULTS or _LOCALIZER_DEFAULTS[k] != v}
+    if values.get("method", "xici") == "xici":
+        values.pop("budget", None)  # XICI keeps what passes, up to the cap, whatever the budget says
     payload = {"method": METHOD_VERSION, "run_id": run_id, "data": fingerprint, "params": values}
     return stable_key(payload)
 

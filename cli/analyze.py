@@ -13,7 +13,9 @@ from xici.analysis.identify import analyze as run_analyses
 from xici.analysis.means import run_info, weight_per_token
 from xici.analysis.mwu import METHODS as MWU_METHODS
 from xici.analysis.params import (
+    BUDGETS,
     DEFAULT_TAU,
+    METHODS,
     PRESETS,
     SWEEPABLE,
     AnalysisParams,
@@ -21,6 +23,7 @@ from xici.analysis.params import (
     default_window,
     expand,
     find_preset,
+    method_label,
     parse_layers,
     parse_sweep,
     resolve,
@@ -64,6 +67,28 @@ from xici.warehouse import Lake
     help="Test a question only with at least this many correct and this many wrong languages [1].",
 )
 @click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    help="Localizer: xici (the test), risk-diff (SteerMoE's routing-frequency contrast, no test) or "
+    "median-diff (the deltas ranked by median difference above tau, no test) [xici].",
+)
+@click.option(
+    "--lang-mean/--no-lang-mean",
+    default=None,
+    help="Subtract each language's mean before contrasting (Eq. 2); --no-lang-mean drops the step [on].",
+)
+@click.option(
+    "--blacklist/--no-blacklist",
+    default=None,
+    help="Never choose generalist experts; --no-blacklist drops the step [on].",
+)
+@click.option(
+    "--budget",
+    type=click.Choice(BUDGETS),
+    help="Experts per question of a rival localizer: matched (as many as XICI's set with the same "
+    "parameters) or cap (up to --max-experts) [matched].",
+)
+@click.option(
     "--sweep",
     multiple=True,
     metavar="NAME=V1,V2,...",
@@ -94,6 +119,8 @@ def analyze(
       xici analyze --run 1
       xici analyze --run 1 --preset qwen3-30b-a3b --alpha 0.01
       xici analyze --run 1 --mwu exact --min-group 3
+      xici analyze --run 1 --method risk-diff --no-lang-mean
+      xici analyze --run 1 --sweep method=xici,risk-diff,median-diff
       xici analyze --run 1 --sweep tau=0.001,0.005,0.01 --sweep max-experts=5,25,45
       xici analyze list
       xici analyze show 3
@@ -169,6 +196,7 @@ def list_(lake: Lake) -> None:
         "max_experts": "cap",
         "mwu": "mwu",
         "min_group": "min group",
+        "localizer": "localizer",
         "mixed": "mixed",
         "with_experts": "with experts",
         "avg_experts": "avg experts",
@@ -176,6 +204,7 @@ def list_(lake: Lake) -> None:
     table = Table(*headers.values())
     for row in rows:
         row["layers"] = f"{row['layer_start']}:{row['layer_stop']}"
+        row["localizer"] = method_label(row)
         table.add_row(*[_number(row[c]) for c in headers])
     Console().print(table)
 
@@ -191,7 +220,7 @@ def show(lake: Lake, analysis_id: int) -> None:
         f"Analysis {analysis_id} of run {row['run_id']}: alpha {row['alpha']:g}, tau {row['tau']:g}, "
         f"layers {row['layer_start']}:{row['layer_stop']}, at most {row['max_experts']} experts, blacklist "
         f"= top {row['blacklist_top']:g} in more than {row['blacklist_share']:g} of sequences, Mann-Whitney "
-        f"p {row['mwu']}, groups of at least {row['min_group']}.",
+        f"p {row['mwu']}, groups of at least {row['min_group']}; localizer {method_label(row)}.",
         highlight=False,
     )
     console.print(_summary_table(row))

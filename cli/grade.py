@@ -128,7 +128,11 @@ def judge_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run_model(lake: Lake, run_id: int) -> str:
     """The model a run was recorded (or ablated) with: the judge's default."""
-    row = lake.read(lambda con: con.execute("select model from runs where run_id = ?", [run_id]).fetchone())
+    con = lake.connect(read_only=True)
+    try:
+        row = con.execute("select model from runs where run_id = ?", [run_id]).fetchone()
+    finally:
+        con.close()
     if row is None:
         raise XiciError(f"there is no run {run_id} in this lake", where="--run")
     return row[0]
@@ -225,11 +229,12 @@ def compare_graders(lake: Lake, run_id: int, graders: tuple[str, ...] | None) ->
     Only answers graded by both graders of a pair are compared; undecided grades are counted in their own
     columns and left out of the agreement and kappa.
     """
-    comparisons = lake.read(
-        lambda con: [
-            compare(con, run_id, a, b) for a, b in pairs_to_compare(graders_of_run(con, run_id), graders)
-        ]
-    )
+    con = lake.connect(read_only=True)
+    try:
+        known = graders_of_run(con, run_id)
+        comparisons = [compare(con, run_id, a, b) for a, b in pairs_to_compare(known, graders)]
+    finally:
+        con.close()
     out = Console()
     for comparison in comparisons:
         out.print(agreement_table(comparison))

@@ -61,8 +61,7 @@ def describe(analysis: Analysis) -> str:
     p = analysis.params
     return (
         f"α {p['alpha']:g}, τ {p['tau']:g}, layers {int(p['layer_start'])}:{int(p['layer_stop'])}, "
-        f"cap {int(p['max_experts'])}, blacklist top {p['blacklist_top']:g} in > {p['blacklist_share']:g}, "
-        f"Mann-Whitney p {p['mwu']}, groups ≥ {int(p['min_group'])}"
+        f"cap {int(p['max_experts'])}, blacklist top {p['blacklist_top']:g} in > {p['blacklist_share']:g}"
     )
 
 

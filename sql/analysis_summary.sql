@@ -31,7 +31,7 @@ SELECT a.analysis_id, a.run_id, r.dataset, r.model, a.grader,
        coalesce(q.experts, 0) AS experts,
        q.avg_experts,
        a.alpha, a.tau, a.layer_start, a.layer_stop, a.max_experts, a.blacklist_top, a.blacklist_share,
-       a.mwu, a.min_group
+       a.mwu, a.min_group, a.method, a.lang_mean, a.blacklist, a.budget
 FROM analyses a
 JOIN runs r ON r.run_id = a.run_id
 LEFT JOIN per_analysis q ON q.analysis_id = a.analysis_id;

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 from test_recorder_support import assert_same_lake, new_lake, snapshot
 
@@ -64,8 +63,7 @@ def insert_analysis(
     blacklist: tuple[float, float] = (0.01, 0.05),
 ) -> int:
     """An analysis of ``run_id`` whose expert sets are ``sets`` (question -> pairs, best first)."""
-
-    def insert(con: duckdb.DuckDBPyConnection) -> int:
+    with lake.transaction() as con:
         analysis_id = con.execute("select coalesce(max(analysis_id), 0) + 1 from analyses").fetchone()[0]
         con.execute(
             "insert into analyses (analysis_id, analysis_key, run_id, grader, alpha, tau, layer_start,"
@@ -90,9 +88,7 @@ def insert_analysis(
                     "insert into analysis_experts values (?, ?, ?, ?, ?, 1.0, 0.01, 0.1)",
                     [analysis_id, question, rank, layer, expert],
                 )
-        return analysis_id
-
-    return lake.write(insert)
+    return analysis_id
 
 
 def routing(lake: Lake, run_id: int) -> dict[tuple[str, str], np.ndarray]:

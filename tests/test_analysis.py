@@ -86,32 +86,6 @@ def test_null_data_passes_the_test_at_about_alpha(null: tuple[Lake, SyntheticLak
     assert 0.03 < share < 0.065
 
 
-def test_the_tested_layers_are_the_sql_layer_window(planted: tuple[Lake, SyntheticLake]) -> None:
-    """The columns an analysis keeps for --layers START:END are exactly the layers of the SQL macro
-    `layer_window` (the pipeline uses the numpy selection; the macro is its reference definition)."""
-    lake, synthetic = planted
-    ensure_means(lake, synthetic.run_id)
-
-    def both(con: duckdb.DuckDBPyConnection) -> list[tuple[list[int], list[int]]]:
-        info = run_info(con, synthetic.run_id)
-        tests = compute_tests(con, info, "match", "auto", 0, info.n_moe_layers)
-        found = []
-        for start, stop in (
-            WINDOW,
-            (0, info.n_moe_layers),
-            (2, 3),
-            (info.n_moe_layers - 1, info.n_moe_layers),
-        ):
-            keep = tests.columns(start, stop, np.zeros((0, 2), dtype=np.int64))
-            numpy_layers = sorted({int(c) // tests.n_experts for c in np.flatnonzero(keep)})
-            sql = con.execute("select layer from layer_window(?, ?, ?)", [synthetic.run_id, start, stop])
-            found.append((numpy_layers, [layer for (layer,) in sql.fetchall()]))
-        return found
-
-    for numpy_layers, sql_layers in lake.read(both):
-        assert numpy_layers and numpy_layers == sql_layers
-
-
 def test_python_deltas_are_the_sql_deltas_macro(planted: tuple[Lake, SyntheticLake]) -> None:
     """The dense matrices tested are exactly Eq. 2 as the SQL macro `deltas` defines it."""
     lake, synthetic = planted
@@ -154,6 +128,10 @@ def test_selection_ranks_by_p_and_median_difference_and_caps() -> None:
     assert capped.columns.tolist() == [0, 2]
     strict = select_experts(tests, 0, AnalysisParams(0, 1, tau=0.3, alpha=0.03), allowed)
     assert strict.columns.tolist() == [0, 2]
+    # median-diff: no test, ranked by the difference above tau (column 5 has p 0.2 but the largest diff)
+    median = AnalysisParams(0, 1, tau=0.25, method="median-diff")
+    assert select_experts(tests, 0, median, allowed).columns.tolist() == [2, 5, 0, 4]
+    assert select_experts(tests, 0, median, allowed, budget=2).columns.tolist() == [2, 5]
 
 
 def test_same_parameters_reuse_the_analysis(planted: tuple[Lake, SyntheticLake]) -> None:
@@ -212,15 +190,11 @@ def test_skipped_questions_are_counted(tmp_path: Path) -> None:
 def test_grader_chooses_the_split(planted: tuple[Lake, SyntheticLake], tmp_path: Path) -> None:
     lake = Lake(tmp_path)
     synthetic = write_synthetic_lake(lake, SPEC)
-
-    # a second grader that disagrees with match on every third answer
-    def change(con: duckdb.DuckDBPyConnection) -> None:
+    with lake.transaction() as con:  # a second grader that disagrees with match on every third answer
         con.execute(
             "insert into grades (seq_id, grader, grader_version, correct) select seq_id, 'flip', '1', "
             "case when seq_id % 3 = 0 then not correct else correct end from grades where grader = 'match'"
         )
-
-    lake.write(change)
     match, flip = analyze(lake, synthetic.run_id, [resolve(None, 8), resolve(None, 8, grader="flip")])
     assert _sets(lake, match.analysis_id) != _sets(lake, flip.analysis_id)
     with pytest.raises(XiciError, match=r"no grades from grader 'judge'.*match"):
@@ -236,9 +210,8 @@ def test_expert_sets_are_a_pure_function_of_data_and_parameters(tmp_path: Path) 
         synthetic = write_synthetic_lake(lake, SPEC)
         if name == "two":
             ensure_means(lake, synthetic.run_id)
-            lake.write(
-                lambda con: con.execute("update seq_means_builds set n_tokens = -1")
-            )  # force a rebuild
+            with lake.transaction() as con:
+                con.execute("update seq_means_builds set n_tokens = -1")  # force a rebuild
         records = analyze(lake, synthetic.run_id, params)
         with lake.connect(read_only=True) as con:
             for record in records:
@@ -283,15 +256,12 @@ def three_three(tmp_path_factory: pytest.TempPathFactory) -> tuple[Lake, Synthet
     """30 questions in 6 languages with a grader 'split' that says 3 correct and 3 wrong for every one."""
     lake = Lake(tmp_path_factory.mktemp("three"))
     synthetic = write_synthetic_lake(lake, replace(SPEC, questions=((30, 6),), dataset="three"))
-
-    def change(con: duckdb.DuckDBPyConnection) -> None:
+    with lake.transaction() as con:
         con.execute(
             "insert into grades (seq_id, grader, grader_version, correct) "
             "select seq_id, 'split', '1', lang in ('en', 'x-s01', 'x-s02') from sequences where run_id = ?",
             [synthetic.run_id],
         )
-
-    lake.write(change)
     return lake, synthetic
 
 

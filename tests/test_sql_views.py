@@ -82,13 +82,12 @@ def _commit(lake: Lake, run_id: int, names: list[str], first_unit: int) -> dict[
 @pytest.fixture
 def hand_lake(tmp_path: Path) -> tuple[Lake, int, dict[str, int]]:
     lake = Lake(tmp_path / "lake")
-    run_id, _ = lake.write(
-        lambda con: lake.get_or_create_run(
+    with lake.transaction() as con:
+        run_id, _ = lake.get_or_create_run(
             con, "hand", kind="record", dataset="hand", model="hand/moe", model_config_hash="-",
             architecture="hand", backend="hand", n_moe_layers=2, n_experts=4, top_k=2, params={}, versions={},
             n_units=4,
-        )
-    )  # fmt: skip
+        )  # fmt: skip
     lake.gates().create_run(run_id, n_layers=2, top_k=2, n_experts=4)
     seq_ids = _commit(lake, run_id, ["A", "B", "C", "D"], 0)
     assert ensure_means(lake, run_id)
@@ -132,7 +131,9 @@ def test_sequence_means_macro_on_any_gates_relation(hand_lake: tuple[Lake, int, 
             f"({seq_ids['B']}, 0, 0::SMALLINT, 2::SMALLINT, 0.9::FLOAT)) "
             "t(seq_id, pos, layer, expert, weight)"
         )
-        rows = con.execute("select expert, m, seq_rank from seq_means('my_gates') order by expert").fetchall()
+        rows = con.execute(
+            "select expert, m, seq_rank from sequence_means('my_gates') order by expert"
+        ).fetchall()
     assert [(e, r) for e, _, r in rows] == [(1, 2), (2, 1)]
     for _, m, _ in rows:
         assert (m * 2**32).is_integer()
@@ -149,7 +150,7 @@ def test_language_means_count_zeros(hand_lake: tuple[Lake, int, dict[str, int]])
         ("de", 1, 1): 0.125, ("de", 1, 2): 0.25, ("de", 1, 3): 0.625,
     }  # fmt: skip
     with _plain(lake) as con:
-        by_macro = con.execute("select lang, layer, expert, mean from lang_means(?)", [run_id]).fetchall()
+        by_macro = con.execute("select lang, layer, expert, mean from language_means(?)", [run_id]).fetchall()
         table = con.execute(
             "select lang, layer, expert, mean from lang_means where run_id = ?", [run_id]
         ).fetchall()

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from xici.errors import XiciError
 from xici.notebook import LakeReading
-from xici.warehouse.db import WarehouseLocked, attach_read_only, connect, damaged, transaction
+from xici.warehouse.db import attach_read_only, connect, damaged, transaction
 from xici.warehouse.gates import (
     GateStore,
     Shard,
@@ -188,7 +188,7 @@ class Lake(LakeReading):
         return connect(self.warehouse_path, read_only=read_only)
 
     @contextmanager
-    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived writing connection inside one transaction: all of it lands, or none of it."""
         con = self.connect()
         try:
@@ -250,8 +250,8 @@ class Lake(LakeReading):
         while True:
             try:
                 return action(attempt)
-            except WarehouseLocked:
-                if time.monotonic() > deadline:
+            except XiciError as exc:
+                if "Could not set lock" not in exc.what or time.monotonic() > deadline:
                     raise
             attempt += 1
             time.sleep(0.2)
@@ -273,21 +273,11 @@ class Lake(LakeReading):
         :func:`~xici.warehouse.db.attach_read_only`), waiting out other processes' locks like :meth:`read`."""
         return self.retrying(lambda _: attach_read_only(self.warehouse_path, alias))
 
-    def write(self, change: Callable[[duckdb.DuckDBPyConnection], T], *, atomic: bool = True) -> T:
-        """``change(con)`` in one short transaction, waiting out other processes' locks.
-
-        ``atomic=False`` lets each statement commit on its own: for a long build that must not keep all of
-        its inputs alive until one commit, and that records its completion itself (the run's means).
-        """
+    def write(self, change: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """``change(con)`` in one short transaction, waiting out other processes' locks."""
 
         def attempt(_: int) -> T:
-            if not atomic:
-                con = self.connect()
-                try:
-                    return change(con)
-                finally:
-                    con.close()
-            with self._transaction() as con:
+            with self.transaction() as con:
                 return change(con)
 
         return self.retrying(attempt)
@@ -456,7 +446,7 @@ class Lake(LakeReading):
         """
         if len(rows) != len(lengths):
             raise ValueError("one length per sequence row")
-        with self._transaction() as con:
+        with self.transaction() as con:
             committed = self.committed_tokens(con, run_id, shard)
             if committed != start:
                 where = f"run {run_id}" if shard is None else f"run {run_id} shard {shard}"
