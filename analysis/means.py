@@ -40,13 +40,21 @@ class RunInfo:
     top_k: int
     n_sequences: int
     n_tokens: int
+    n_units: int
+    status: str
+
+    @property
+    def unfinished(self) -> bool:
+        """Units of the run are still missing (it is being recorded, or was stopped before the end)."""
+        return self.status != "finished" and self.n_sequences < self.n_units
 
 
 def run_info(con: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
     """The run's shape and size; a run that does not exist or has no sequences is the user's mistake."""
     rows = con.execute(
         "select r.dataset, r.model, r.n_moe_layers, r.n_experts, r.top_k, count(s.seq_id), "
-        "coalesce(sum(s.n_tokens), 0) from runs r left join sequences s on s.run_id = r.run_id "
+        "coalesce(sum(s.n_tokens), 0), r.n_units, r.status "
+        "from runs r left join sequences s on s.run_id = r.run_id "
         "where r.run_id = ? and r.kind = 'record' group by all",
         [run_id],
     ).fetchall()

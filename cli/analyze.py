@@ -10,7 +10,7 @@ from rich.table import Table
 
 from xici.analysis.identify import AnalysisRecord
 from xici.analysis.identify import analyze as run_analyses
-from xici.analysis.means import run_info, weight_per_token
+from xici.analysis.means import RunInfo, run_info, weight_per_token
 from xici.analysis.mwu import METHODS as MWU_METHODS
 from xici.analysis.params import (
     BUDGETS,
@@ -30,6 +30,7 @@ from xici.analysis.params import (
 )
 from xici.analysis.summary import LABELS, summaries, summary
 from xici.cli.common import pass_lake
+from xici.errors import XiciError
 from xici.warehouse import Lake
 
 
@@ -94,6 +95,11 @@ from xici.warehouse import Lake
     metavar="NAME=V1,V2,...",
     help=f"Run the grid of these values (repeatable); NAME is one of {', '.join(SWEEPABLE)}.",
 )
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="Analyse a run that is not finished (still recording, or stopped) as it stands now.",
+)
 @pass_lake
 @click.pass_context
 def analyze(
@@ -103,6 +109,7 @@ def analyze(
     preset: str,
     layers: str | None,
     sweep: tuple[str, ...],
+    partial: bool,
     **given: Any,
 ) -> None:
     """Find the experts behind each question of a run, from its cross-lingual inconsistency.
@@ -130,11 +137,30 @@ def analyze(
     if run_id is None:
         raise click.UsageError("give --run, or a subcommand (list, show)")
     info = lake.write(lambda con: run_info(con, run_id))  # a writing connection: migrates an old warehouse
+    check_finished(info, partial)
     chosen = find_preset(preset, info.model, info.n_moe_layers)
     base = resolve(chosen, info.n_moe_layers, layers=parse_layers(layers) if layers else None, **given)
     points = expand(base, parse_sweep(sweep), info.n_moe_layers) if sweep else [base]
     Console().print(preset_line(chosen, info.model, info.n_moe_layers), highlight=False)
     analyze_with_summary(lake, run_id, points, [SWEEPABLE[name.partition("=")[0]][0] for name in sweep])
+
+
+def check_finished(info: RunInfo, partial: bool) -> None:
+    """Refuse an unfinished run unless --partial: its language means, blacklist and question splits would be
+    those of part of the dataset, and the expert sets would go on to ablation and the report as the run's.
+    With --partial the analysis is stored for the run as it is now (its key holds the run's sequence count,
+    so it is not reused once the run grows)."""
+    if not info.unfinished:
+        return
+    state = f"run {info.run_id} is not finished: {info.n_sequences} of {info.n_units} units are recorded"
+    if not partial:
+        raise XiciError(
+            state,
+            where="--run",
+            fix="finish it by running its xici record command again (it resumes where it stopped), or pass "
+            "--partial to analyse the units recorded so far",
+        )
+    Console().print(f"Warning: {state}; analysing those only (--partial).", highlight=False)
 
 
 def preset_line(chosen: Preset | None, model: str, n_moe_layers: int) -> str:
@@ -175,7 +201,21 @@ def analyze_with_summary(
         console.print(_summary_table(rows[record.analysis_id]))
     else:
         console.print(_sweep_table(records, rows, swept))
+    for note in dict.fromkeys(why_nothing(rows[r.analysis_id]) for r in records):
+        if note is not None:
+            console.print(note, highlight=False)
     return records
+
+
+def why_nothing(row: dict[str, Any]) -> str | None:
+    """Why an analysis can identify no expert at all, when the reason is in its questions (none mixed)."""
+    if row["mixed"]:
+        return None
+    return (
+        f"No question is mixed ({row['all_correct']} all correct, {row['all_wrong']} all incorrect): experts "
+        "are found only where a question is answered right in some languages and wrong in others, so this "
+        "analysis finds none. Ask in more languages, or a dataset or model where the answers differ."
+    )
 
 
 @analyze.command("list")

@@ -130,17 +130,16 @@ def record(
         backend=backend,
     )
     grader_options = judge.for_grader(grader, model=lambda: model, device=device, dtype=dtype)
-    if gates_url is not None:
-        lake.use_gates(gates_url)
-    record_with_progress(
-        lake,
-        spec,
-        device=device,
-        batch_size=batch_size,
-        grader_options=grader_options,
-        engine_options=engine_options,
-        ray=ray,
-    )
+    with lake.using_gates(gates_url):
+        record_with_progress(
+            lake,
+            spec,
+            device=device,
+            batch_size=batch_size,
+            grader_options=grader_options,
+            engine_options=engine_options,
+            ray=ray,
+        )
 
 
 def record_with_progress(

@@ -259,7 +259,7 @@ def record(
     config = load_config(spec.model)
     layout = resolve(config).layout(config)
     device = placement(device, ray, spec.backend, engine_options)
-    plan = _plan(lake, spec, device, config, layout)
+    plan = _plan(lake, spec, device, config, layout, (engine_options or {}).get("max_model_len"))
     plan.params.update(
         device=device, batch_size=batch_size, grader_options=grader_options, grader_version=grader.version
     )
@@ -272,8 +272,17 @@ def record(
     asking = spec.asker(device, grader_options=grader_options, engine_options=engine_options)
     with contextlib.closing(open_pool(asking, ray, lake)) as pool:
         params = {**plan.params, "engine": pool.metadata}
-        run_id, created = lake.write(
-            lambda con: lake.get_or_create_run(
+        arrays = {
+            "n_layers": layout.n_moe_layers,
+            "top_k": layout.top_k,
+            "n_experts": layout.n_experts,
+            "gate_dtype": spec.gate_dtype,
+            "store_logits": spec.store_logits,
+        }
+
+        def start(con: duckdb.DuckDBPyConnection) -> tuple[int, bool]:
+            """The run row and its arrays together: a store that cannot be written leaves no run behind."""
+            run_id, created = lake.get_or_create_run(
                 con,
                 plan.run_key,
                 kind="record",
@@ -288,15 +297,11 @@ def record(
                 params=params,
                 versions=library_versions(),
                 n_units=len(units),
-            ),
-        )
-        arrays = {
-            "n_layers": layout.n_moe_layers,
-            "top_k": layout.top_k,
-            "n_experts": layout.n_experts,
-            "gate_dtype": spec.gate_dtype,
-            "store_logits": spec.store_logits,
-        }
+            )
+            lake.gates(con=con).create_run(run_id, **arrays)
+            return run_id, created
+
+        run_id, created = lake.write(start)
         done = run_batches(lake, run_id, units, pool, batch_size=batch_size, arrays=arrays, on_batch=on_batch)
     return RecordResult(run_id, created, len(units), done.done_before, recorded=done.asked)
 
@@ -311,13 +316,17 @@ class _Plan:
     params: dict[str, Any]
 
 
-def _plan(lake: Lake, spec: RecordSpec, device: str, config: Any, layout: MoELayout) -> _Plan:
-    """Check the dataset, encode every prompt, and key the run on what changes its data."""
+def _plan(
+    lake: Lake, spec: RecordSpec, device: str, config: Any, layout: MoELayout, max_model_len: int | None
+) -> _Plan:
+    """Check the dataset, encode every prompt (each must fit the context), and key the run on what changes
+    its data."""
     units = lake.read(lambda con: load_units(con, spec.dataset, spec.languages, spec.limit))
     lake.gates()  # refuse another lake's gate store before anything is written
     tokenizer = load_tokenizer(spec.model)
     spec.prompt_format.check(tokenizer)
     prompts = [spec.prompt_format.encode(tokenizer, u.question) for u in units]
+    _check_context(spec, units, prompts, context_length(config, max_model_len))
     spec = replace(
         spec,
         model=str(Path(spec.model).resolve()) if Path(spec.model).is_dir() else spec.model,
@@ -337,6 +346,39 @@ def _plan(lake: Lake, spec: RecordSpec, device: str, config: Any, layout: MoELay
         gating=layout.gating,
     )
     return _Plan(spec, units, run_key, params)
+
+
+def context_length(config: Any, max_model_len: int | None = None) -> int | None:
+    """Tokens a prompt and its answer may take together: the model's positions (``max_model_len`` of vLLM
+    when smaller), None when the config does not say."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [n for n in (getattr(text, "max_position_embeddings", None), max_model_len) if n]
+    return min(limits) if limits else None
+
+
+def _check_context(
+    spec: RecordSpec, units: Sequence[Unit], prompts: Sequence[Prompt], limit: int | None
+) -> None:
+    """Refuse, before a run starts, the questions whose prompt and answer would not fit the context (the
+    engine would fail on them, or cut them, after the run had begun)."""
+    if limit is None:
+        return
+    over = [
+        (u, len(p.ids))
+        for u, p in zip(units, prompts, strict=True)
+        if len(p.ids) + spec.max_new_tokens > limit
+    ]
+    if not over:
+        return
+    named = ", ".join(f"{u.question_id} ({u.lang}, {n} tokens)" for u, n in over[:5])
+    more = f" and {len(over) - 5} more" if len(over) > 5 else ""
+    raise XiciError(
+        f"{len(over)} prompt(s) and their {spec.max_new_tokens} new tokens do not fit the model's context of "
+        f"{limit} tokens: {named}{more}",
+        where=f"--dataset {spec.dataset}",
+        fix="shorten or remove these questions and import the dataset again, leave their languages out "
+        "(--languages), or lower --max-new-tokens",
+    )
 
 
 def _existing_run(con: duckdb.DuckDBPyConnection, run_key: str, grader: Grader) -> tuple[int, str] | None:

@@ -5,6 +5,7 @@ skips, and the file-size limit (RLIMIT_FSIZE) makes DuckDB meet a real OS write 
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import signal
@@ -42,13 +43,13 @@ def analyses(lake: Lake) -> list[tuple]:
     return lake.read(lambda con: con.execute("select * exclude (created_at) from analyses").fetchall())
 
 
-def record_args(model: Path, *extra: str) -> list[str]:
+def record_args(model: Path, *extra: str, dataset: str = "toy") -> list[str]:
     return [
         "record",
         "--model",
         str(model),
         "--dataset",
-        "toy",
+        dataset,
         "--max-new-tokens",
         "3",
         "--device",
@@ -177,3 +178,84 @@ def test_a_damaged_checkpoint_is_refused_before_a_run_starts(
         xici(lake, *record_args(model, "--limit", "1")), "model.safetensors is damaged", str(weights)
     )
     assert lake.read(lambda con: con.execute("select count(*) from runs").fetchone()[0]) == 0
+
+
+def test_prompts_longer_than_the_context_are_refused_before_a_run(tiny_checkpoint, tmp_path: Path) -> None:
+    from xici.corpora.store import import_dataset
+
+    model = tiny_checkpoint("qwen3_moe")
+    limit = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    rows = [
+        {"question_id": "q1", "lang": "en", "question": "what is the capital?", "answers": ["Paris"]},
+        {"question_id": "q1", "lang": "fr", "question": "quelle ville? " * limit, "answers": ["Paris"]},
+        {"question_id": "q2", "lang": "en", "question": "river?", "answers": ["river"]},
+    ]
+    source = tmp_path / "long.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lake = Lake(tmp_path / "lake")
+    import_dataset(lake, "long", source, "jsonl")
+    refused = xici(lake, *record_args(model, "--gates-url", str(tmp_path / "elsewhere.zarr"), dataset="long"))
+    clean_failure(refused, "1 prompt(s)", f"context of {limit} tokens", "q1 (fr,", "--max-new-tokens")
+    assert "q2" not in refused.output and "q1 (en" not in refused.output
+    assert lake.read(lambda con: con.execute("select count(*) from runs").fetchone()[0]) == 0
+    assert not (lake.root / "lake.json").exists()  # the refused recording's --gates-url is not kept
+
+
+def test_a_refused_gates_url_recording_leaves_no_setting_and_no_run(tiny_checkpoint, tmp_path: Path) -> None:
+    model = tiny_checkpoint("qwen3_moe")
+    lake = new_lake(tmp_path / "lake")
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    (broken / "model.safetensors").write_bytes(b"")
+    cases = [
+        (record_args(model, "--gates-url", f"file://{not_a_folder}/gates.zarr"), "Not a directory"),
+        (record_args(broken, "--gates-url", str(tmp_path / "g1.zarr")), "model.safetensors is damaged"),
+        (record_args(model, "--gates-url", str(tmp_path / "g2.zarr"), "--languages", "xx"), "no language xx"),
+    ]
+    for args, why in cases:
+        clean_failure(xici(lake, *args), why)
+        assert not (lake.root / "lake.json").exists(), args
+        assert lake.read(lambda con: con.execute("select count(*) from runs").fetchone()[0]) == 0
+    url = str(tmp_path / "g3.zarr")
+    assert xici(lake, *record_args(model, "--gates-url", url, "--limit", "1")).exit_code == 0
+    assert Lake(lake.root).gates_location == url
+
+
+def test_analyze_refuses_an_unfinished_run_unless_partial(tiny_checkpoint, tmp_path: Path) -> None:
+    from xici.recorder.run import RecordSpec, record
+
+    lake = new_lake(tmp_path / "lake")
+    spec = RecordSpec(model=str(tiny_checkpoint("qwen3_moe")), dataset="toy", max_new_tokens=3)
+
+    def stop(done) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        record(lake, spec, device="cpu", batch_size=6, on_batch=stop)
+    refused = xici(lake, "analyze", "--run", "1")
+    clean_failure(refused, "run 1 is not finished: 6 of 15 units", "--partial", "resumes")
+    assert analyses(lake) == []
+    partial = xici(lake, "analyze", "--run", "1", "--partial")
+    assert partial.exit_code == 0, partial.output
+    assert "Warning: run 1 is not finished: 6 of 15 units" in partial.output
+    assert len(analyses(lake)) == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        (
+            SyntheticSpec(questions=((6, 5),), accuracy=(1.0, 1.0), difficulty=0.0),
+            "No question is mixed (6 all",
+        ),
+        (SyntheticSpec(questions=((6, 5),), accuracy=(0.0, 0.0), difficulty=0.0), "0 all correct, 6 all"),
+    ],
+)
+def test_an_analysis_with_no_mixed_question_says_why(tmp_path: Path, spec: SyntheticSpec, why: str) -> None:
+    lake = Lake(tmp_path / "lake")
+    write_synthetic_lake(lake, spec)
+    out = xici(lake, "analyze", "--run", "1")
+    assert out.exit_code == 0, out.output
+    assert why in " ".join(out.output.split()), out.output

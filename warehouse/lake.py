@@ -143,12 +143,13 @@ class Lake(LakeReading):
                 fix="write to a file or folder outside the warehouse and the gate store (any other folder)",
             )
 
-    def use_gates(self, location: str) -> None:
+    def use_gates(self, location: str) -> bool:
         """Keep this lake's token arrays at ``location`` (an fsspec URL, e.g. ``s3://bucket/lake.zarr``, or a
-        folder), so that workers on other machines can write them; set once, before the first run."""
+        folder), so that workers on other machines can write them; set once, before the first run. Returns
+        whether it wrote the setting (False: the lake already keeps them there)."""
         location = _absolute(location)
         if _absolute(self.gates_location) == location:
-            return
+            return False
         if (self.root / SETTINGS_FILE).exists() or self.zarr_path.exists():
             raise XiciError(
                 f"this lake keeps its token arrays at {self.gates_location}, not {location}",
@@ -161,6 +162,20 @@ class Lake(LakeReading):
         temporary = self.root / f"{SETTINGS_FILE}.tmp"
         temporary.write_text(json.dumps({"gates": location}) + "\n")
         temporary.replace(self.root / SETTINGS_FILE)
+        return True
+
+    @contextmanager
+    def using_gates(self, location: str | None) -> Iterator[None]:
+        """:meth:`use_gates` for the first run started in the block (nothing when ``location`` is None); when
+        the block fails before that run's row exists (a refused dataset, model or store), the setting is
+        taken back, so a refused command leaves lake.json as it was."""
+        wrote = location is not None and self.use_gates(location)
+        try:
+            yield
+        except BaseException:
+            if wrote and not self.read(lambda con: con.execute("select count(*) from runs").fetchone()[0]):
+                (self.root / SETTINGS_FILE).unlink(missing_ok=True)
+            raise
 
     def _ensure_root(self) -> None:
         """Every write to the lake passes here: refuse a read-only lake, close the relations lake.sql handed
