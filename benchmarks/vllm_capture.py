@@ -6,9 +6,9 @@ default compiled mode (vLLM's own worker, no taps), and xici's engine compiled (
 capture plus a different expert mask per request (25 (layer, expert) pairs each, as an ablation does). The
 engines run side by side, each in its own process (``VLLM_ENABLE_V1_MULTIPROCESSING=1``), so repetitions are
 interleaved (the mode order rotates) and machine load hits every mode alike; medians of generated tokens per
-second and of the per-round time ratios to plain are printed (wall clock, and CPU time of this process,
-which other processes' load moves less; with the engines in other processes it mostly counts the driver's
-waiting), with each engine's start-up time (compilation included) and the threads used.
+second and of the per-round time ratios to plain are printed (wall clock, and CPU time of this process and
+the engines' processes, which other processes' load moves less; idle engines count too, alike in every
+mode), with each engine's start-up time (compilation included) and the threads used.
 
 ``--prefix-caching`` measures instead what prefix caching would gain on a recording-like workload: the
 default system instruction and chat template, questions of ECLeKTic's length (its median question length
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from xici.recorder.prompting import PromptFormat
@@ -134,14 +135,24 @@ def random_masks(engine: VLLMEngine, n: int, seed: int) -> list[np.ndarray]:
     return masks
 
 
+def cpu_seconds() -> float:
+    """CPU time so far of this process and its children (the engines' processes)."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += sum(child.cpu_times()[:2])
+    return total
+
+
 def timed(run: Callable[[], list[Any]]) -> tuple[float, float]:
-    """Generated tokens per wall-clock second and per CPU second (this process) of one call.
+    """Generated tokens per wall-clock second and per CPU second (this process and the engines') of one call.
 
     On a shared CPU machine the CPU-time rate is the steadier one: other processes' load barely moves it.
     """
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     results = run()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     tokens = sum(len(r.output_ids) for r in results)
     return tokens / wall, tokens / cpu
 
