@@ -10,8 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from xici.cli.common import pass_lake
+from xici.progress import progress_bar
 from xici.warehouse import Lake
 from xici.warehouse.query import copy_to, query_connection, query_error, statement
+from xici.warehouse.scan import ScanStats
 
 
 @click.command()
@@ -45,12 +47,12 @@ def sql(
     \b
     Tables: datasets, questions, prompts, runs, sequences, grades, ... (the warehouse is a plain DuckDB
     file: `duckdb xici-lake/warehouse.duckdb` opens it too, without the token relations).
-    Token relations, streamed from the Zarr store when the query names them:
+    Token relations, read from the Zarr store when the query names them (any number of times):
       tokens(seq_id, pos, token_id)
       token_gates(seq_id, pos, layer, expert, weight)    one row per selected expert
       token_logits(seq_id, pos, layer, expert, logit)    runs recorded with --store-logits
-    `layer` counts MoE layers from 0 (runs.params ->> 'moe_layers' maps them to blocks). Each token
-    relation can be scanned once per query.
+    `layer` counts MoE layers from 0 (runs.params ->> 'moe_layers' maps them to blocks). Filters on
+    seq_id and pos read only those tokens; anything else reads them all.
     \b
     Only reading is possible: one SELECT (or EXPLAIN, DESCRIBE, SHOW, a describing PRAGMA); ATTACH,
     COPY, SET, INSTALL, LOAD and every statement that writes are refused. Files the query may read: the
@@ -61,19 +63,22 @@ def sql(
       xici sql "select lang, count(*) from sequences group by lang"
     """
     text = statement(query)
-    con = query_connection(lake, text, run_ids, out=out, allow_read=allow_read)
-    try:
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("tokens read from Zarr", total=None)
+        stats = ScanStats(on_change=lambda s: bar.update(task, total=s.planned, completed=s.read))
+        con = query_connection(lake, text, run_ids, out=out, allow_read=allow_read, stats=stats)
         try:
-            if out is not None:
-                written = copy_to(con, text, out)
-            else:
-                cursor = con.execute(text)
-                columns = None if cursor.description is None else [d[0] for d in cursor.description]
-                rows = [] if columns is None else cursor.fetchmany(max_rows + 1)
-        except duckdb.Error as exc:
-            raise query_error(exc) from None
-    finally:
-        con.close()
+            try:
+                if out is not None:
+                    written = copy_to(con, text, out)
+                else:
+                    cursor = con.execute(text)
+                    columns = None if cursor.description is None else [d[0] for d in cursor.description]
+                    rows = [] if columns is None else cursor.fetchmany(max_rows + 1)
+            except duckdb.Error as exc:
+                raise query_error(exc) from None
+        finally:
+            con.close()
     if out is not None:
         click.echo(f"Wrote {written} rows to {out}.")
         return

@@ -122,7 +122,8 @@ def test_sequence_ranks_share_ties(hand_lake: tuple[Lake, int, dict[str, int]]) 
 
 
 def test_sequence_means_macro_on_any_gates_relation(hand_lake: tuple[Lake, int, dict[str, int]]) -> None:
-    """By hand: point the macro at a relation shaped like token_gates; m is rounded to 2^-32."""
+    """By hand: the gate sums of a relation shaped like token_gates, then their means; m is rounded to
+    2^-32."""
     lake, _, seq_ids = hand_lake
     with _plain(lake) as con:
         con.execute(
@@ -132,7 +133,8 @@ def test_sequence_means_macro_on_any_gates_relation(hand_lake: tuple[Lake, int, 
             "t(seq_id, pos, layer, expert, weight)"
         )
         rows = con.execute(
-            "select expert, m, seq_rank from sequence_means('my_gates') order by expert"
+            "with sums as (from gate_sums('my_gates')) "
+            "select expert, m, seq_rank from sequence_means('sums') order by expert"
         ).fetchall()
     assert [(e, r) for e, _, r in rows] == [(1, 2), (2, 1)]
     for _, m, _ in rows:

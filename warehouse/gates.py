@@ -158,6 +158,11 @@ class DamagedGates(XiciError):
         self.args = (self.message,)
         return self
 
+    def hitting(self, starts: np.ndarray, lengths: np.ndarray, names: np.ndarray, label: str) -> DamagedGates:
+        """The same error naming, among sequences at these token ranges, those in the damaged range."""
+        hit = (starts < self.tokens[1]) & (starts + lengths > self.tokens[0])
+        return self.naming(f"{label} {id_ranges(names[hit])}")
+
 
 class GateStore:
     """Token routing arrays of every run in one Zarr v3 store (a local folder or an fsspec URL)."""
@@ -327,14 +332,24 @@ class GateStore:
             raise _storage_error(exc, str(self.location)) from None
         return start
 
+    def array(self, run_id: int, name: str, shard: Shard = None) -> zarr.Array:
+        """One array of a run (or shard), for its shape and chunks."""
+        return self._group(run_id, shard)[name]
+
+    def read_fields(
+        self, run_id: int, start: int, stop: int, names: list[str], *, shard: Shard = None
+    ) -> dict[str, np.ndarray]:
+        """Tokens ``[start, stop)`` of some arrays of a run (or of one of its shards), reading only the
+        chunks that hold them, verified (:class:`DamagedGates`)."""
+        group = self._group(run_id, shard)
+        return {name: self._verified(group[name], run_id, shard, name, start, stop) for name in names}
+
     def read(
         self, run_id: int, start: int, stop: int, *, logits: bool = False, shard: Shard = None
     ) -> TokenArrays:
         """Tokens ``[start, stop)`` of a run (or of one of its shards), verified (:class:`DamagedGates`)."""
-        group = self._group(run_id, shard)
-        names = [*FIELDS[:3], *(["router_logits"] if logits and "router_logits" in group else [])]
-        values = {name: self._verified(group[name], run_id, shard, name, start, stop) for name in names}
-        return TokenArrays(**values)
+        names = [n for n in self.fields(run_id, shard) if logits or n != "router_logits"]
+        return TokenArrays(**self.read_fields(run_id, start, stop, names, shard=shard))
 
     def _verified(
         self, array: zarr.Array, run_id: int, shard: Shard, name: str, start: int, stop: int
@@ -445,11 +460,9 @@ class GateStore:
                 try:
                     block = self.read(run_id, lo, hi, logits=logits, shard=None if shard < 0 else int(shard))
                 except DamagedGates as exc:
-                    ends = starts[which] + lengths[which]
-                    hit = which[(starts[which] < exc.tokens[1]) & (ends > exc.tokens[0])]
-                    names = hit if seq_ids is None else seq_ids[hit]
                     label = "sequences" if seq_ids is None else "seq_id"
-                    raise exc.naming(f"{label} {id_ranges(names)}") from None
+                    names = which if seq_ids is None else seq_ids[which]
+                    raise exc.hitting(starts[which], lengths[which], names, label) from None
                 keep = np.repeat(starts[which] - lo, lengths[which]) + sequence_positions(lengths[which])
                 yield (
                     which,

@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 
 from xici.errors import XiciError
 from xici.notebook import LakeReading
@@ -38,8 +37,8 @@ from xici.warehouse.gates import (
     check_location,
     is_url,
     local_folder,
-    sequence_positions,
 )
+from xici.warehouse.scan import TOKEN_RELATIONS, ScanStats, TokenScan, run_layouts
 
 T = TypeVar("T")
 
@@ -59,28 +58,6 @@ SEQUENCE_COLUMNS = (
     "response_text",
     "finish_reason",
 )
-
-TOKEN_RELATIONS = {
-    "tokens": pa.schema([("seq_id", pa.int64()), ("pos", pa.int32()), ("token_id", pa.int32())]),
-    "token_gates": pa.schema(
-        [
-            ("seq_id", pa.int64()),
-            ("pos", pa.int32()),
-            ("layer", pa.int16()),
-            ("expert", pa.int16()),
-            ("weight", pa.float32()),
-        ]
-    ),
-    "token_logits": pa.schema(
-        [
-            ("seq_id", pa.int64()),
-            ("pos", pa.int32()),
-            ("layer", pa.int16()),
-            ("expert", pa.int16()),
-            ("logit", pa.float32()),
-        ]
-    ),
-}
 
 
 class Lake(LakeReading):
@@ -491,48 +468,25 @@ class Lake(LakeReading):
 
     # -- SQL over tokens ----------------------------------------------------------------------------------
 
-    def token_relation(
+    def token_scan(
         self,
         con: duckdb.DuckDBPyConnection,
         name: str,
         *,
         run_ids: Sequence[int] | None = None,
-        tokens_per_batch: int = 65536,
-    ) -> pa.RecordBatchReader:
-        """Stream ``tokens``, ``token_gates`` or ``token_logits`` rows from Zarr as Arrow batches.
+        only_seq_ids: np.ndarray | None = None,
+        stats: ScanStats | None = None,
+    ) -> TokenScan:
+        """``tokens``, ``token_gates`` or ``token_logits`` of the given runs (all by default), as a scan that
+        DuckDB can open any number of times, reading from Zarr only what each query asks for.
 
-        Nothing is copied into DuckDB: register the reader on a connection and query it. ``token_gates`` has
-        one row per (token, layer, selected expert); experts not selected have weight 0 and no row.
+        Nothing is copied into DuckDB: register it on a connection (:meth:`register_token_relations`). Rows of
+        ``token_gates`` are one per (token, layer, selected expert); experts not selected have weight 0 and no
+        row. ``only_seq_ids`` leaves out every other sequence (see :mod:`xici.warehouse.pushdown`).
         """
-        schema = TOKEN_RELATIONS[name]
-        where = "" if run_ids is None else f"where run_id in ({', '.join(str(int(r)) for r in run_ids)})"
-        seqs = con.execute(
-            "select run_id, coalesce(shard, -1) as shard, seq_id, token_start, n_tokens from sequences "
-            f"{where} order by run_id, shard nulls first, token_start"
-        ).fetchnumpy()
         gates = self.gates(read_only=True, con=con)
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            for run_id in np.unique(seqs["run_id"]).tolist():
-                if name == "token_logits" and "router_logits" not in gates.fields(run_id):
-                    continue
-                pick = seqs["run_id"] == run_id
-                yield from _token_batches(
-                    gates.read_sequences(
-                        run_id,
-                        seqs["shard"][pick],
-                        seqs["token_start"][pick],
-                        seqs["n_tokens"][pick],
-                        tokens_per_read=tokens_per_batch,
-                        logits=name == "token_logits",
-                        seq_ids=seqs["seq_id"][pick],
-                    ),
-                    name,
-                    seqs["seq_id"][pick],
-                    seqs["n_tokens"][pick],
-                )
-
-        return pa.RecordBatchReader.from_batches(schema, batches())
+        layouts = run_layouts(con, gates, name, run_ids)
+        return TokenScan(gates, name, layouts, only_seq_ids=only_seq_ids, stats=stats)
 
     def register_token_relations(
         self,
@@ -540,10 +494,15 @@ class Lake(LakeReading):
         *,
         run_ids: Sequence[int] | None = None,
         names: Sequence[str] = (),
+        only_seq_ids: dict[str, np.ndarray] | None = None,
+        stats: ScanStats | None = None,
     ) -> None:
-        """Make the token relations queryable on ``con`` (each registered reader can be scanned once)."""
+        """Make the token relations queryable on ``con``, each as many times as a query names it."""
         for name in names or TOKEN_RELATIONS:
-            con.register(name, self.token_relation(con, name, run_ids=run_ids))
+            scan = self.token_scan(
+                con, name, run_ids=run_ids, only_seq_ids=(only_seq_ids or {}).get(name), stats=stats
+            )
+            con._register_arrow_source(name, scan)
 
 
 def _absolute(location: str | Path) -> str:
@@ -552,32 +511,3 @@ def _absolute(location: str | Path) -> str:
     if folder is None:
         return str(location)
     return f"file://{folder.absolute()}" if is_url(location) else str(folder.absolute())
-
-
-def _token_batches(
-    blocks: Iterator[tuple[np.ndarray, TokenArrays]], name: str, seq_ids: np.ndarray, lengths: np.ndarray
-) -> Iterator[pa.RecordBatch]:
-    """One Arrow batch of a token relation per block of whole sequences."""
-    schema = TOKEN_RELATIONS[name]
-    for which, block in blocks:
-        tok_pos = sequence_positions(lengths[which])
-        tok_seq = np.repeat(seq_ids[which], lengths[which])
-        if name == "tokens":
-            columns = [tok_seq, tok_pos, block.token_ids]
-        else:
-            values = block.router_logits if name == "token_logits" else block.topk_weights
-            per_token = values.shape[1] * values.shape[2]
-            experts = (
-                np.broadcast_to(np.arange(values.shape[2], dtype=np.int16), values.shape)
-                if name == "token_logits"
-                else block.topk_ids
-            )
-            layers = np.broadcast_to(np.arange(values.shape[1], dtype=np.int16)[:, None], values.shape[1:])
-            columns = [
-                np.repeat(tok_seq, per_token),
-                np.repeat(tok_pos, per_token),
-                np.tile(layers.reshape(-1), len(tok_seq)),
-                experts.reshape(-1).astype(np.int16),
-                values.reshape(-1).astype(np.float32),
-            ]
-        yield pa.RecordBatch.from_arrays([pa.array(c) for c in columns], schema=schema)

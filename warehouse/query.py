@@ -24,7 +24,8 @@ import duckdb
 
 from xici.errors import XiciError
 from xici.warehouse.gates import local_folder
-from xici.warehouse.lake import TOKEN_RELATIONS, Lake
+from xici.warehouse.lake import Lake
+from xici.warehouse.scan import TOKEN_RELATIONS, ScanStats
 
 # The warehouse's name in a query (catalog), as when the file is opened directly.
 CATALOG = "warehouse"
@@ -149,12 +150,14 @@ def query_connection(
     *,
     out: Path | None = None,
     allow_read: Sequence[Path] = (),
+    stats: ScanStats | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """A sandboxed read-only connection on which ``query`` can run; the caller closes it.
 
     The query is checked first (:func:`check_read_only`). The token relations it names are registered,
     restricted to ``run_ids`` when given. Files it may read: the current folder, the gate store and
-    ``allow_read`` (files or folders); the one it may write: ``out``, through :func:`copy_to`.
+    ``allow_read`` (files or folders); the one it may write: ``out``, through :func:`copy_to`. ``stats``
+    counts the tokens the scans of the token relations read from Zarr.
     """
     check_read_only(query)
     if out is not None:
@@ -166,7 +169,7 @@ def query_connection(
         names = mentioned_relations(query)
         if names:
             _check_runs(lake, con, run_ids, names)
-            lake.register_token_relations(con, run_ids=run_ids or None, names=names)
+            lake.register_token_relations(con, run_ids=run_ids or None, names=names, stats=stats)
         gates = local_folder(lake.gates_location)
         _sandbox(con, [Path.cwd(), *([] if gates is None else [gates]), *allow_read], out)
     except BaseException:

@@ -1,0 +1,22 @@
+-- Per sequence, MoE layer and expert: the sum of the gate weights of the sequence's tokens that selected
+-- the expert, and how many did. The first half of the sequence means (method.md, Eq. 1; sequence_means.sql
+-- takes it from here).
+--
+-- `gates` names a relation shaped like xici's `token_gates` (seq_id, pos, layer, expert, weight): one row
+-- per token, MoE layer and selected expert, e.g. a Parquet export:
+--     create view my_gates as from 'gates.parquet';
+--     create view my_sums as from gate_sums('my_gates');
+--     select * from sequence_means('my_sums');
+-- Inside xici the same sums are taken in numpy while the run's gates are read from Zarr (some 40 times
+-- fewer rows reach DuckDB); a test checks that both give the same bits.
+--
+-- Determinism: each weight is rounded to a whole number of units of 2^-32 (2.3e-10, far below float16 gate
+-- precision) and the integers are added, so the sum does not depend on the order DuckDB's parallel
+-- aggregation adds rows in.
+--
+-- Output: seq_id, layer, expert, weight_sum (BIGINT, units of 2^-32), n_selected (tokens that selected it).
+CREATE OR REPLACE MACRO gate_sums(gates) AS TABLE
+SELECT seq_id, layer, expert, sum(round(weight::DOUBLE * 4294967296)::BIGINT)::BIGINT AS weight_sum,
+       count(*)::INTEGER AS n_selected
+FROM query_table(gates)
+GROUP BY seq_id, layer, expert;

@@ -1,0 +1,199 @@
+"""Token relations as scans: filters narrow the Zarr reads, results stay those of a full scan, a relation
+can be named any number of times, and the means built from them have the macro's bits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+import torch
+from test_recorder_support import new_lake
+
+from xici.analysis.means import ensure_means
+from xici.recorder.run import RecordSpec, record
+from xici.sql import apply_views
+from xici.testbed.synthetic_lake import SyntheticSpec, write_synthetic_lake
+from xici.warehouse import Lake
+from xici.warehouse.query import query_connection
+from xici.warehouse.scan import ScanStats
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_checkpoint, tmp_path_factory) -> Lake:
+    """A tiny Qwen3-MoE's routing of the toy dataset, router logits stored."""
+    lake = new_lake(tmp_path_factory.mktemp("scan") / "lake")
+    spec = RecordSpec(
+        model=str(tiny_checkpoint("qwen3_moe")), dataset="toy", max_new_tokens=4, store_logits=True
+    )
+    record(lake, spec, device="cpu", batch_size=8)
+    return lake
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Lake:
+    """About 42,000 tokens in 11 Zarr chunks, float32 gates (weights that are not whole units of 2^-32)."""
+    lake = Lake(tmp_path_factory.mktemp("scan-synthetic") / "lake")
+    write_synthetic_lake(lake, SyntheticSpec(gate_dtype="float32"))
+    return lake
+
+
+def run(lake: Lake, query: str) -> tuple[list[tuple], ScanStats]:
+    """The rows of ``query`` on a query connection, and what its token scans read."""
+    stats = ScanStats()
+    con = query_connection(lake, query, stats=stats)
+    try:
+        return con.execute(query).fetchall(), stats
+    finally:
+        con.close()
+
+
+def n_tokens(lake: Lake, where: str = "true") -> int:
+    with lake.connect(read_only=True) as con:
+        return con.execute(f"select coalesce(sum(n_tokens), 0) from sequences where {where}").fetchone()[0]
+
+
+# (relation, filter, tokens the scan should read: an aggregate over sequences)
+FILTERED = [
+    ("token_gates", "seq_id < 4", "sum(n_tokens) filter (seq_id < 4)"),
+    ("token_gates", "seq_id in (2, 5) and layer = 1", "sum(n_tokens) filter (seq_id in (2, 5))"),
+    (
+        "token_gates",
+        "seq_id between 3 and 6 and pos >= 2",
+        "sum(n_tokens - 2) filter (seq_id between 3 and 6)",
+    ),
+    (
+        "token_gates",
+        "(seq_id = 1 or seq_id = 7) and expert < 3 and weight > 0.2",
+        "sum(n_tokens) filter (seq_id in (1, 7))",
+    ),
+    ("token_gates", "seq_id > 2 or layer = 0", "sum(n_tokens)"),
+    ("tokens", "pos < 3 and seq_id != 2", "sum(least(n_tokens, 3)) filter (seq_id != 2)"),
+    ("token_logits", "seq_id = 3 and expert in (0, 2) and logit > 0", "sum(n_tokens) filter (seq_id = 3)"),
+]
+
+
+@pytest.mark.parametrize(("relation", "condition", "tokens_read"), FILTERED)
+def test_filters_narrow_the_reads_and_keep_the_rows(
+    recorded: Lake, relation: str, condition: str, tokens_read: str
+) -> None:
+    """Same rows as filtering a full copy; only the tokens of sequences the filter can keep are read."""
+    query = f"select * from {relation} where {condition} order by all"
+    rows, stats = run(recorded, query)
+    stats_all = ScanStats()
+    con = query_connection(recorded, relation, stats=stats_all)
+    try:
+        every_row = con.sql(f"select * from {relation}").to_arrow_table()
+    finally:
+        con.close()
+    assert stats_all.read == n_tokens(recorded)
+    plain = duckdb.connect()
+    plain.register("every_row", every_row)
+    assert rows == plain.execute(f"select * from every_row where {condition} order by all").fetchall()
+    assert rows
+    with recorded.connect(read_only=True) as con:
+        assert stats.read == con.execute(f"select {tokens_read} from sequences").fetchone()[0]
+
+
+def test_counting_reads_no_array(recorded: Lake) -> None:
+    """count(*) over some sequences needs their lengths only, which the warehouse holds."""
+    layers, top_k = run(recorded, "select n_moe_layers, top_k from runs")[0][0]
+    [(count,)], stats = run(recorded, "select count(*) from token_gates where seq_id <= 3")
+    assert count == n_tokens(recorded, "seq_id <= 3") * layers * top_k
+    assert stats.read == n_tokens(recorded, "seq_id <= 3")
+
+
+def test_explain_shows_the_filter_in_the_scan(recorded: Lake) -> None:
+    query = "select sum(weight) from token_gates where seq_id = 2 and layer < 2"
+    con = query_connection(recorded, query)
+    try:
+        plan = json.loads(con.execute(f"explain (format json) {query}").fetchall()[0][1])
+    finally:
+        con.close()
+
+    def scans(node: dict) -> list[dict]:
+        found = [node] if node["name"] in ("PYTHON_ARROW_SCAN", "TABLE_SCAN") else []
+        return found + [s for child in node["children"] for s in scans(child)]
+
+    [scan] = [s for node in plan for s in scans(node)]
+    filters = " ".join(scan["extra_info"]["Filters"])
+    assert '"seq_id" = 2' in filters and '"layer" < 2' in filters
+
+
+def test_a_relation_can_be_named_any_number_of_times(recorded: Lake) -> None:
+    """Self-join, a CTE read twice, a subquery: each opens its own scan."""
+    per_token, stats = run(
+        recorded,
+        "with g as (select seq_id, pos, layer, max(weight) as top from token_gates where seq_id <= 3 "
+        "group by all) select a.seq_id, count(*) from g a join g b "
+        "on a.seq_id = b.seq_id and a.pos = b.pos and a.layer = b.layer "
+        "where a.top >= (select min(weight) from token_gates where seq_id <= 3) group by 1 order by 1",
+    )
+    layers = run(recorded, "select n_moe_layers from runs")[0][0][0]
+    with recorded.connect(read_only=True) as con:
+        want = con.execute("select seq_id, n_tokens from sequences where seq_id <= 3 order by 1").fetchall()
+    assert per_token == [(s, n * layers) for s, n in want]
+    [(same,)], stats = run(
+        recorded,
+        "select count(*) from token_gates a join token_gates b using (seq_id, pos, layer, expert) "
+        "where a.weight <> b.weight",
+    )
+    assert same == 0 and stats.scans == 2
+
+
+def test_macros_read_token_relations_twice(recorded: Lake, tmp_path: Path) -> None:
+    """The sql/ macros take a token relation by name, also twice in one query."""
+    with recorded.transaction() as con:
+        apply_views(con)
+    query = (
+        "with a as (from gate_sums('token_gates')), b as (from gate_sums('token_gates')) "
+        "select count(*), count(y.seq_id) from sequence_means('a') x "
+        "left join sequence_means('b') y using (seq_id, layer, expert) where y.m = x.m"
+    )
+    [(n, matched)], stats = run(recorded, query)
+    assert n == matched > 0 and stats.scans == 2
+
+
+def test_external_access_off_after_registration(recorded: Lake) -> None:
+    """The scans read Zarr in Python, so a connection that refuses DuckDB file access still sees them."""
+    query = "select count(*) from tokens"
+    con = query_connection(recorded, query)
+    try:
+        con.execute("set enable_external_access = false")
+        assert con.execute(query).fetchall() == [(n_tokens(recorded),)]
+    finally:
+        con.close()
+
+
+def test_sequences_far_apart_skip_the_chunks_between(synthetic: Lake) -> None:
+    with synthetic.connect(read_only=True) as con:
+        first, last = con.execute("select min(seq_id), max(seq_id) from sequences").fetchone()
+    query = (
+        f"select seq_id, count(*) from token_gates where seq_id in ({first}, {last}) group by 1 order by 1"
+    )
+    rows, stats = run(synthetic, query)
+    assert [s for s, _ in rows] == [first, last]
+    assert stats.read == n_tokens(synthetic, f"seq_id in ({first}, {last})") < 300
+
+
+@pytest.mark.parametrize("which", ["synthetic", "recorded"])
+def test_means_have_the_macro_bits(which: str, request: pytest.FixtureRequest) -> None:
+    """seq_means built from numpy gate sums is bit for bit the macros over every row of token_gates, for
+    float32 weights (rounded to units of 2^-32) and float16 ones (whole units already)."""
+    synthetic = request.getfixturevalue(which)
+    with synthetic.connect(read_only=True) as con:
+        run_id = con.execute("select run_id from runs").fetchone()[0]
+    assert ensure_means(synthetic, run_id)
+    built, _ = run(
+        synthetic, "select seq_id, layer, expert, m, seq_rank, n_selected from seq_means order by all"
+    )
+    direct, _ = run(
+        synthetic,
+        "with sums as (from gate_sums('token_gates')) "
+        "select seq_id, layer, expert, m, seq_rank, n_selected from sequence_means('sums') order by all",
+    )
+    assert len(built) > 100
+    assert built == direct  # m > 0 everywhere, so equal floats are equal bits

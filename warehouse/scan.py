@@ -1,0 +1,455 @@
+"""Token relations as DuckDB scans that read from Zarr only what a query asks for, as often as it asks.
+
+A registered :class:`TokenScan` is not a stream of rows but a source DuckDB opens once per scan of the
+relation (a self-join opens it twice). Each time, DuckDB says which columns it needs and which filters it
+would apply; the scan then
+
+- reads only the sequences whose ``seq_id`` a filter can keep, only the tokens whose ``pos`` it can keep,
+  and only the Zarr chunks that hold them (sequences far apart are read separately, so the chunks between
+  are skipped); filters on ``layer`` (and on ``expert`` of ``token_logits``) drop the other layers' values
+  after the read, before any row is built;
+- reads only the Zarr arrays the requested columns need (a ``count(*)`` over some sequences reads none);
+- applies every filter it accepted exactly, so DuckDB does not apply it again.
+
+A filter on ``sequences`` (question, language, run) joined to a token relation does not reach the scan by
+itself: :func:`xici.warehouse.pushdown.sequence_restrictions` turns it into a set of seq_ids beforehand.
+
+DuckDB's scan protocol for Python objects (``duckdb._sources``, DuckDB 2.0) is what offers the filters; the
+public ``register`` takes only pyarrow and pandas objects, so the scan is registered through the connection's
+``_register_arrow_source`` (both pinned by the ``duckdb`` requirement in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+from duckdb._sources import ArrowScanSource
+from duckdb._sources.nodes import Binary, Col, In, Lit, Node, Untranslatable
+from duckdb._sources.to_arrow import nan_may_satisfy, to_arrow
+
+from xici.warehouse.gates import DamagedGates, GateStore, sequence_positions
+
+TOKEN_RELATIONS = {
+    "tokens": pa.schema([("seq_id", pa.int64()), ("pos", pa.int32()), ("token_id", pa.int32())]),
+    "token_gates": pa.schema(
+        [
+            ("seq_id", pa.int64()),
+            ("pos", pa.int32()),
+            ("layer", pa.int16()),
+            ("expert", pa.int16()),
+            ("weight", pa.float32()),
+        ]
+    ),
+    "token_logits": pa.schema(
+        [
+            ("seq_id", pa.int64()),
+            ("pos", pa.int32()),
+            ("layer", pa.int16()),
+            ("expert", pa.int16()),
+            ("logit", pa.float32()),
+        ]
+    ),
+}
+
+# The Zarr array each value column comes from (seq_id, pos and layer come from the sequence rows alone).
+_SOURCES = {
+    "tokens": {"token_id": "token_ids"},
+    "token_gates": {"expert": "topk_ids", "weight": "topk_weights"},
+    "token_logits": {"logit": "router_logits"},
+}
+_VALUES = {"tokens": "token_ids", "token_gates": "topk_weights", "token_logits": "router_logits"}
+
+# Tokens read from Zarr at a time: four chunks of the default layout, so a chunk shared by two reads is
+# decoded twice at most once per four; rows handed to DuckDB per Arrow batch (whole sequences, at least one).
+TOKENS_PER_READ = 16384
+ROWS_PER_BATCH = 1 << 20
+# Reads prepared ahead of the one DuckDB is consuming (Zarr decodes outside the GIL).
+READ_AHEAD = 2
+
+
+@dataclass
+class ScanStats:
+    """Tokens the scans of a connection planned to read and have read from Zarr (tests, progress bars)."""
+
+    planned: int = 0
+    read: int = 0
+    scans: int = 0
+    on_change: Callable[[ScanStats], None] | None = field(default=None, repr=False)
+
+    def _add(self, *, planned: int = 0, read: int = 0, scans: int = 0) -> None:
+        self.planned += planned
+        self.read += read
+        self.scans += scans
+        if self.on_change is not None:
+            self.on_change(self)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The sequences of one run a scan may read, and the shape of its arrays."""
+
+    run_id: int
+    shards: np.ndarray  # -1: the run's own arrays
+    starts: np.ndarray
+    lengths: np.ndarray
+    seq_ids: np.ndarray
+    tail: tuple[int, ...]  # per-token shape of the value array: () for tokens, (layers, k or experts)
+    chunk_tokens: int
+
+
+def run_layouts(
+    con: duckdb.DuckDBPyConnection, gates: GateStore, name: str, run_ids: Sequence[int] | None
+) -> list[RunLayout]:
+    """The runs a token relation covers (those with router logits only, for ``token_logits``)."""
+    where = "" if run_ids is None else f"where run_id in ({', '.join(str(int(r)) for r in run_ids)})"
+    seqs = con.execute(
+        "select run_id, coalesce(shard, -1) as shard, seq_id, token_start, n_tokens from sequences "
+        f"{where} order by run_id, shard, token_start"
+    ).fetchnumpy()
+    layouts = []
+    for run_id in np.unique(seqs["run_id"]).tolist():
+        if _VALUES[name] not in gates.fields(run_id):
+            continue
+        pick = seqs["run_id"] == run_id
+        array = gates.array(run_id, _VALUES[name])
+        layouts.append(
+            RunLayout(
+                run_id,
+                seqs["shard"][pick].astype(np.int64),
+                seqs["token_start"][pick].astype(np.int64),
+                seqs["n_tokens"][pick].astype(np.int64),
+                seqs["seq_id"][pick].astype(np.int64),
+                tuple(array.shape[1:]),
+                int(array.chunks[0]),
+            )
+        )
+    return layouts
+
+
+def may_hold(node: Node, column: str, values: np.ndarray) -> np.ndarray:
+    """Which of ``values`` of ``column`` some row satisfying ``node`` can have (False: surely none).
+
+    Conservative: a predicate on other columns, or one it does not follow (NOT), keeps every value.
+    """
+    everything = np.ones(len(values), dtype=bool)
+    if isinstance(node, Binary) and node.op in ("AND", "OR"):
+        left, right = may_hold(node.left, column, values), may_hold(node.right, column, values)
+        return left & right if node.op == "AND" else left | right
+    if isinstance(node, Binary) and isinstance(node.left, Col) and isinstance(node.right, Lit):
+        if node.left.parts != (column,) or not isinstance(node.right.value, int):
+            return everything
+        compare = {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal}
+        compare |= {">": np.greater, ">=": np.greater_equal}
+        return compare[node.op](values, node.right.value) if node.op in compare else everything
+    if isinstance(node, In) and isinstance(node.operand, Col) and node.operand.parts == (column,):
+        wanted = [v.value for v in node.values if isinstance(v, Lit)]
+        if len(wanted) != len(node.values) or not all(isinstance(v, int) for v in wanted):
+            return everything
+        return np.isin(values, np.array(wanted, dtype=np.int64))
+    return everything
+
+
+class TokenScan(ArrowScanSource):
+    """One token relation of a lake, scanned afresh (its own columns and filters) each time DuckDB asks."""
+
+    schema_is_stable = True
+
+    def __init__(
+        self,
+        gates: GateStore,
+        name: str,
+        layouts: list[RunLayout],
+        *,
+        only_seq_ids: np.ndarray | None = None,
+        stats: ScanStats | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.gates = gates
+        self.name = name
+        self.schema = TOKEN_RELATIONS[name]
+        self.layouts = layouts
+        self.only_seq_ids = only_seq_ids
+        self.stats = stats if stats is not None else ScanStats()
+
+    def __arrow_c_schema__(self) -> object:
+        return self.schema.__arrow_c_schema__()
+
+    def rows(self) -> int | None:
+        """Rows of a full scan, so that DuckDB's planner knows the relation is large."""
+        return int(sum(r.lengths.sum() * int(np.prod(r.tail)) for r in self.layouts))
+
+    def accepts(self, predicate: Node) -> bool:
+        """Filters pyarrow evaluates exactly as DuckDB would (the scan applies them itself)."""
+        try:
+            to_arrow(predicate, self.schema)
+        except Untranslatable:
+            return False
+        return not nan_may_satisfy(predicate, self.schema)
+
+    def stream(self, columns: Sequence[int] | None, filters: Sequence[Node]) -> tuple[object, bool]:
+        names = self.schema.names if columns is None else [self.schema.names[i] for i in columns]
+        condition = None
+        for predicate in filters:
+            term = to_arrow(predicate, self.schema)
+            condition = term if condition is None else condition & term
+        # Columns built: those asked for and those the filters read.
+        needed = set(names) | {n for p in filters for n in self.schema.names if _mentions(p, n)}
+        plans = [self._plan(layout, filters) for layout in self.layouts]
+        out = pa.schema([self.schema.field(n) for n in names])
+        self.stats._add(planned=sum(int(p.lengths.sum()) for p in plans), scans=1)
+        batches = self._batches(plans, needed, names, condition)
+        return pa.RecordBatchReader.from_batches(out, batches).__arrow_c_stream__(), True
+
+    # -- planning ------------------------------------------------------------------------------------------
+
+    def _plan(self, layout: RunLayout, filters: Sequence[Node]) -> _Plan:
+        keep = np.ones(len(layout.seq_ids), dtype=bool)
+        if self.only_seq_ids is not None:
+            keep &= np.isin(layout.seq_ids, self.only_seq_ids)
+        longest = int(layout.lengths.max(initial=0))
+        positions = np.arange(longest)
+        pos_ok = np.ones(longest, dtype=bool)
+        layers = np.arange(layout.tail[0]) if layout.tail else None
+        layer_ok = None if layers is None else np.ones(len(layers), dtype=bool)
+        experts = np.arange(layout.tail[1]) if self.name == "token_logits" else None
+        expert_ok = None if experts is None else np.ones(len(experts), dtype=bool)
+        for predicate in filters:
+            keep &= may_hold(predicate, "seq_id", layout.seq_ids)
+            pos_ok &= may_hold(predicate, "pos", positions)
+            if layers is not None:
+                layer_ok &= may_hold(predicate, "layer", layers)
+            if experts is not None:
+                expert_ok &= may_hold(predicate, "expert", experts)
+        # Positions: the span from the first to the last one a filter can keep, in every sequence.
+        kept_pos = np.flatnonzero(pos_ok)
+        first = int(kept_pos[0]) if len(kept_pos) else 0
+        last = int(kept_pos[-1]) + 1 if len(kept_pos) else 0
+        lengths = np.clip(layout.lengths, None, last) - first
+        keep &= lengths > 0
+        if (layers is not None and not layer_ok.any()) or (experts is not None and not expert_ok.any()):
+            keep[:] = False
+        return _Plan(
+            layout,
+            layout.shards[keep],
+            layout.starts[keep] + first,
+            lengths[keep],
+            layout.seq_ids[keep],
+            first,
+            None if layers is None else layers[layer_ok],
+            None if experts is None else experts[expert_ok],
+        )
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def _batches(
+        self, plans: list[_Plan], needed: set[str], names: list[str], condition: object
+    ) -> Iterator[pa.RecordBatch]:
+        fields = sorted({_SOURCES[self.name][c] for c in needed if c in _SOURCES[self.name]})
+        for plan, which, block in self._blocks(plans, fields):
+            for part in _split(plan, which, ROWS_PER_BATCH):
+                batch = self._rows(plan, part, which, block, needed)
+                if condition is not None:
+                    batch = batch.filter(condition)
+                yield batch.select(names)
+
+    def _blocks(self, plans: list[_Plan], fields: list[str]) -> Iterator[tuple[_Plan, np.ndarray, dict]]:
+        """Every read of the plans, in order, ``READ_AHEAD`` of them prepared in threads."""
+        reads = iter([(plan, which) for plan in plans for which in _reads(plan, TOKENS_PER_READ)])
+        pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="xici-scan")
+        pending = deque(
+            pool.submit(self._read, *read, fields) for read in itertools.islice(reads, READ_AHEAD)
+        )
+        try:
+            while pending:
+                plan, which, block = pending.popleft().result()
+                following = next(reads, None)
+                if following is not None:
+                    pending.append(pool.submit(self._read, *following, fields))
+                self.stats._add(read=int(plan.lengths[which].sum()))
+                yield plan, which, block
+        finally:  # DuckDB may stop early (LIMIT): drop the reads prepared ahead
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def gate_sums(self) -> Iterator[pa.RecordBatch]:
+        """The macro ``gate_sums`` (sql/gate_sums.sql) over this token_gates, computed in numpy as the
+        arrays are read: one batch of whole sequences per read, some 40 times fewer rows than the gates.
+
+        The weights are rounded to whole units of 2^-32 as the macro rounds them (float16 weights are whole
+        units already) and the units added exactly (float64 holds every integer below 2^53), so the sums
+        are the macro's integers.
+        """
+        if self.name != "token_gates":
+            raise ValueError("gate sums are taken over token_gates")
+        plans = [self._plan(layout, []) for layout in self.layouts]
+        self.stats._add(planned=sum(int(p.lengths.sum()) for p in plans), scans=1)
+        schema = pa.schema(
+            [
+                ("seq_id", pa.int64()),
+                ("layer", pa.int16()),
+                ("expert", pa.int16()),
+                ("weight_sum", pa.int64()),
+                ("n_selected", pa.int32()),
+            ]
+        )
+        for plan, which, block in self._blocks(plans, ["topk_ids", "topk_weights"]):
+            ids, weights = block["topk_ids"], block["topk_weights"]
+            n_layers, n_experts = ids.shape[1], int(ids.max(initial=0)) + 1
+            per_seq = n_layers * n_experts
+            # Group key of every row: (sequence in this read, layer, expert), built in place.
+            key = ids.astype(np.int64)
+            key += (np.arange(n_layers) * n_experts)[None, :, None]
+            key += np.repeat(np.arange(len(which)) * per_seq, plan.lengths[which])[:, None, None]
+            key = key.reshape(-1)
+            if weights.dtype == np.float16:  # multiples of 2^-24: sum them, then scale (both exact)
+                sums = np.bincount(key, weights=weights.astype(np.float32).reshape(-1)) * 2.0**32
+            else:  # SQL round(): halves away from 0
+                units = weights.reshape(-1).astype(np.float64) * 2.0**32
+                sums = np.bincount(key, weights=np.sign(units) * np.floor(np.abs(units) + 0.5))
+            counts = np.bincount(key)
+            groups = np.flatnonzero(counts)
+            seq, rest = np.divmod(groups, per_seq)
+            layer, expert = np.divmod(rest, n_experts)
+            yield pa.RecordBatch.from_arrays(
+                [
+                    pa.array(plan.seq_ids[which][seq]),
+                    pa.array(layer.astype(np.int16)),
+                    pa.array(expert.astype(np.int16)),
+                    pa.array(sums[groups].astype(np.int64)),
+                    pa.array(counts[groups].astype(np.int32)),
+                ],
+                schema=schema,
+            )
+
+    def _read(self, plan: _Plan, which: np.ndarray, fields: list[str]) -> tuple[_Plan, np.ndarray, dict]:
+        """The wanted tokens of some sequences (one contiguous token span of one shard), per Zarr array."""
+        if not fields:
+            return plan, which, {}
+        starts, lengths = plan.starts[which], plan.lengths[which]
+        lo, hi = int(starts[0]), int(starts[-1] + lengths[-1])
+        shard = int(plan.shards[which[0]])
+        try:
+            block = self.gates.read_fields(
+                plan.layout.run_id, lo, hi, fields, shard=None if shard < 0 else shard
+            )
+        except DamagedGates as exc:
+            raise exc.hitting(starts, lengths, plan.seq_ids[which], "seq_id") from None
+        # Drop the tokens between the wanted ones, unless there are none.
+        take = np.repeat(starts - lo, lengths) + sequence_positions(lengths)
+        if len(take) == hi - lo:
+            take = None
+        values = {}
+        for name, array in block.items():
+            if take is not None:
+                array = array[take]
+            if array.ndim == 3 and len(plan.layers) < array.shape[1]:
+                array = array[:, plan.layers]
+            if name == "router_logits" and len(plan.experts) < array.shape[2]:
+                array = array[:, :, plan.experts]
+            values[name] = array
+        return plan, which, values
+
+    def _rows(
+        self, plan: _Plan, part: slice, which: np.ndarray, block: dict, needed: set[str]
+    ) -> pa.RecordBatch:
+        """The Arrow rows of sequences ``which[part]``, with the columns in ``needed`` only."""
+        seqs = which[part]
+        lengths = plan.lengths[seqs]
+        offsets = np.concatenate([[0], np.cumsum(plan.lengths[which])])
+        tokens = slice(int(offsets[part.start]), int(offsets[part.stop]))
+        n = int(lengths.sum())
+        per_layer = _per_layer(plan)
+        width = 1 if plan.layers is None else len(plan.layers) * per_layer
+        columns: dict[str, np.ndarray] = {}
+        if "seq_id" in needed:
+            columns["seq_id"] = np.repeat(np.repeat(plan.seq_ids[seqs], lengths), width)
+        if "pos" in needed:
+            columns["pos"] = np.repeat(sequence_positions(lengths) + np.int32(plan.first_pos), width)
+        if "layer" in needed:
+            columns["layer"] = np.tile(np.repeat(plan.layers.astype(np.int16), per_layer), n)
+        if "expert" in needed:
+            columns["expert"] = (
+                np.tile(plan.experts.astype(np.int16), n * len(plan.layers))
+                if self.name == "token_logits"
+                else block["topk_ids"][tokens].reshape(-1).astype(np.int16)
+            )
+        for column, source in _SOURCES[self.name].items():
+            if column in needed and column != "expert":
+                dtype = np.float32 if column in ("weight", "logit") else np.int32
+                columns[column] = block[source][tokens].reshape(-1).astype(dtype)
+        schema = pa.schema([f for f in self.schema if f.name in columns])
+        return pa.RecordBatch.from_arrays(
+            [pa.array(columns[f.name], type=f.type) for f in schema], schema=schema
+        )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one scan reads of one run: sequences (their wanted token spans), layers and experts."""
+
+    layout: RunLayout
+    shards: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    seq_ids: np.ndarray
+    first_pos: int
+    layers: np.ndarray | None
+    experts: np.ndarray | None
+
+
+def _per_layer(plan: _Plan) -> int:
+    """Rows per token and layer: the experts kept (token_logits) or the top-k (token_gates)."""
+    if plan.experts is not None:
+        return len(plan.experts)
+    return plan.layout.tail[1] if plan.layout.tail else 1
+
+
+def _mentions(node: Node, column: str) -> bool:
+    if isinstance(node, Col):
+        return node.parts[0] == column
+    return any(_mentions(child, column) for child in node._children())
+
+
+def _reads(plan: _Plan, tokens_per_read: int) -> Iterator[np.ndarray]:
+    """The planned sequences in groups read at once: one shard, at most ``tokens_per_read`` tokens spanned
+    (one sequence at least), and no gap of a whole chunk inside (those chunks are not read)."""
+    order = np.lexsort((plan.starts, plan.shards))
+    gap = plan.layout.chunk_tokens
+    i = 0
+    while i < len(order):
+        j = i + 1
+        first = order[i]
+        while j < len(order):
+            nxt, prev = order[j], order[j - 1]
+            end = plan.starts[nxt] + plan.lengths[nxt]
+            if (
+                plan.shards[nxt] != plan.shards[first]
+                or end - plan.starts[first] > tokens_per_read
+                or plan.starts[nxt] - (plan.starts[prev] + plan.lengths[prev]) >= gap
+            ):
+                break
+            j += 1
+        yield order[i:j]
+        i = j
+
+
+def _split(plan: _Plan, which: np.ndarray, rows_per_batch: int) -> Iterator[slice]:
+    """Slices of ``which`` (whole sequences) of about ``rows_per_batch`` rows each."""
+    width = 1 if plan.layers is None else len(plan.layers) * _per_layer(plan)
+    tokens_per_batch = max(1, rows_per_batch // max(width, 1))
+    ends = np.cumsum(plan.lengths[which])
+    i = 0
+    while i < len(which):
+        j = max(
+            i + 1, int(np.searchsorted(ends, ends[i] - plan.lengths[which[i]] + tokens_per_batch, "right"))
+        )
+        yield slice(i, j)
+        i = j
