@@ -82,11 +82,11 @@ def test_missing_chunk_is_an_error_for_every_reader(lake: Lake) -> None:
 
 
 def test_garbage_chunk_fails_its_checksum(lake: Lake) -> None:
-    path = chunk(lake, "token_ids", 2)
+    path = chunk(lake, "topk_ids", 2)  # an array the analysis reads (it never needs token_ids)
     path.write_bytes(os.urandom(path.stat().st_size))
     analyzed = xici(lake.root, "analyze", "--run", "1")
     assert analyzed.exit_code == 1 and "Traceback" not in analyzed.output
-    assert "token_ids, tokens 8192-12287" in analyzed.output
+    assert "topk_ids, tokens 8192-12287" in analyzed.output
     assert "chunk 2 does not decode (Stored and computed checksum do not match" in analyzed.output
 
 
