@@ -66,6 +66,7 @@ from xici.keys import stable_key
 from xici.moe import load_config, resolve
 from xici.recorder.asking import AskerSpec, Unit
 from xici.recorder.batches import BatchDone, run_batches
+from xici.recorder.fingerprint import ModelCheck, check_model, note_changes
 from xici.recorder.pool import Pool, RayOptions, open_pool, placement, release
 from xici.recorder.run import RecordSpec, config_sha256, library_versions, load_units
 from xici.warehouse import Lake
@@ -115,6 +116,7 @@ class _Source:
     units: list[Unit]
     sets: list[Assignment]
     deactivation: Deactivation
+    model: ModelCheck
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ def run_ablation(
     ray: RayOptions | None = None,
     on_batch: Callable[[str, BatchDone], None] | None = None,
     stop_after_batches: int | None = None,
+    model: str | None = None,
+    allow_changed_model: bool = False,
 ) -> AblationResult:
     """Ablate an analysis' expert sets (and the baselines), or resume the runs of the same call.
 
@@ -159,6 +163,10 @@ def run_ablation(
     condition's batches (:mod:`xici.recorder.ray_pool`). ``stop_after_batches`` returns after committing
     that many batches, leaving the rest for the next call (an interruption on purpose). Returns each run's
     progress and the analysis' stored metrics (of every seed run so far).
+
+    The checkpoint (the recorded run's, or ``model``: where it is now, when it moved) must have the files the
+    run was recorded with (:mod:`xici.recorder.fingerprint`), unless ``allow_changed_model``; which one was
+    used, and what changed, is stored with each ablation run.
     """
     if batch_size < 1:
         raise XiciError("--batch-size must be at least 1", where=f"--batch-size {batch_size}")
@@ -166,7 +174,7 @@ def run_ablation(
         raise XiciError("--seed must be a non-negative integer", where=f"--seed {seed}")
     baselines = check_baselines(baselines)
     random_pool = check_random_pool(random_pool)
-    source = _source(lake, analysis_id, grader_options)
+    source = _source(lake, analysis_id, grader_options, model, allow_changed_model)
     backend = backend or source.spec.backend
     device = placement(device, ray, backend, engine_options)
     plans = _plans(lake, source, backend, baselines, seed, random_pool)
@@ -201,16 +209,22 @@ def run_ablation(
     return result
 
 
-def _source(lake: Lake, analysis_id: int, grader_options: Mapping[str, Any] | None) -> _Source:
-    """Read and check the analysis, its recorded run, grader and sets; the units of the questions with
-    experts."""
+def _source(
+    lake: Lake,
+    analysis_id: int,
+    grader_options: Mapping[str, Any] | None,
+    model: str | None,
+    allow_changed_model: bool,
+) -> _Source:
+    """Read and check the analysis, its recorded run, its checkpoint, grader and sets; the units of the
+    questions with experts."""
 
     def read(con: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
         analysis = load_analysis(con, analysis_id)
         spec = RecordSpec.from_run(con, analysis.run_id)
         run = con.execute(
-            "select run_key, status, model_config_hash, params -> 'grader_options' from runs"
-            " where run_id = ?",
+            "select run_key, status, model_config_hash, params -> 'grader_options',"
+            " params ->> 'model_fingerprint' from runs where run_id = ?",
             [analysis.run_id],
         ).fetchone()
         versions = con.execute(
@@ -222,7 +236,7 @@ def _source(lake: Lake, analysis_id: int, grader_options: Mapping[str, Any] | No
         return analysis, spec, run, [v for (v,) in versions], units, xici_sets(con, analysis)
 
     analysis, spec, run, versions, recorded, sets = lake.read(read)
-    run_key, status, config_hash, recorded_options = run
+    run_key, status, config_hash, recorded_options, recorded_model = run
     if status != "finished":
         raise XiciError(
             f"run {analysis.run_id}, which analysis {analysis_id} read, is not finished",
@@ -248,14 +262,24 @@ def _source(lake: Lake, analysis_id: int, grader_options: Mapping[str, Any] | No
             fix="pass the grader options the recorded answers were graded with, or grade them again with "
             f"xici grade --run {analysis.run_id} --grader {analysis.grader} and analyse again",
         )
-    deactivation = _deactivation(spec, config_hash)
+    checked = check_model(
+        model or spec.model,
+        None if recorded_model is None else json.loads(recorded_model),
+        run_id=analysis.run_id,
+        allow_changed=allow_changed_model,
+        where="--model" if model else f"the model of run {analysis.run_id}",
+    )
+    spec = replace(spec, model=checked.model)
+    deactivation = _deactivation(spec, None if allow_changed_model else config_hash)
     for assignment in sets:
         problem = deactivation.problem(assignment.pairs, f"the XICI set of question {assignment.question_id}")
         if problem is not None:
             raise problem
     asked = {a.question_id for a in sets}
     units = [replace(u, index=i) for i, u in enumerate(u for u in recorded if u.question_id in asked)]
-    return _Source(analysis, spec, run_key, dict(grader_options), grader.version, units, sets, deactivation)
+    return _Source(
+        analysis, spec, run_key, dict(grader_options), grader.version, units, sets, deactivation, checked
+    )
 
 
 def _plans(
@@ -289,10 +313,11 @@ def _plans(
     return plans
 
 
-def _deactivation(spec: RecordSpec, config_hash: str) -> Deactivation:
-    """Masks and mask checks for the recorded model, refusing a model whose config changed since."""
+def _deactivation(spec: RecordSpec, config_hash: str | None) -> Deactivation:
+    """Masks and mask checks for the recorded model, refusing a model whose config changed since (unless
+    ``config_hash`` is None: a change allowed)."""
     config = load_config(spec.model)
-    if config_sha256(config) != config_hash:
+    if config_hash is not None and config_sha256(config) != config_hash:
         raise XiciError(
             "the model's config is not the one the run was recorded with",
             where=spec.model,
@@ -355,6 +380,7 @@ def _params(
         **{name: getattr(spec, name) for name in asked_as},
         "dtype": spec.dtype,
         "gate_dtype": spec.gate_dtype,
+        **source.model.params,
         "device": device,
         "batch_size": batch_size,
         "engine": engine,
@@ -385,6 +411,8 @@ def _start(
             versions=library_versions(),
             n_units=len(source.units),
         )
+        if not created:
+            note_changes(con, run_id, source.model)
         if created:
             con.execute(
                 "insert into ablations (run_id, analysis_id, source_run_id, condition, seed, grader, "

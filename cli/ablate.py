@@ -12,7 +12,7 @@ from rich.table import Table
 
 from xici.ablation.conditions import BASELINES, DEFAULT_BASELINES, RANDOM_POOLS, label, parse_baselines
 from xici.ablation.metrics import MetricsRow, metrics_rows, overall
-from xici.cli.common import engine_options, pass_lake, ray_options
+from xici.cli.common import allow_changed_model, engine_options, pass_lake, ray_options
 from xici.cli.grade import JudgeOptions, judge_options
 from xici.errors import XiciError
 from xici.progress import BatchProgress, progress_bar
@@ -28,7 +28,9 @@ def _baselines(ctx: click.Context, param: click.Parameter, value: str) -> tuple[
     return parse_baselines(value)
 
 
-def _grader_options(lake: Lake, analysis_id: int, judge: JudgeOptions, device: str) -> dict[str, Any] | None:
+def _grader_options(
+    lake: Lake, analysis_id: int, judge: JudgeOptions, device: str, model: str | None
+) -> dict[str, Any] | None:
     """Options of the analysis' grader: None (the runner takes the recording's) when the recording graded
     with it and no --judge-* option is given, else built from the --judge-* options with the defaults of
     xici grade (the recorded model judges)."""
@@ -43,7 +45,7 @@ def _grader_options(lake: Lake, analysis_id: int, judge: JudgeOptions, device: s
         con.close()
     if row is None or (row[0] == row[2] and judge == JudgeOptions()):
         return None
-    return judge.for_grader(row[0], model=lambda: row[1], device=device)
+    return judge.for_grader(row[0], model=lambda: model or row[1], device=device)
 
 
 def _rate(value: float | None) -> str:
@@ -124,6 +126,12 @@ def print_metrics(rows: Sequence[MetricsRow]) -> None:
     type=click.Choice(BACKENDS),
     help="Engine that generates: transformers or vllm [default: the recorded run's].",
 )
+@click.option(
+    "--model",
+    help="Where the recorded run's checkpoint is now, when it moved (accepted when its files are the same) "
+    "[default: where it was recorded].",
+)
+@allow_changed_model
 @engine_options
 @ray_options
 @judge_options
@@ -137,6 +145,8 @@ def ablate(
     batch_size: int,
     device: str,
     backend: str | None,
+    model: str | None,
+    allow_changed_model: bool,
     engine_options: dict[str, Any],
     ray: RayOptions | None,
     judge: JudgeOptions,
@@ -159,6 +169,10 @@ def ablate(
     (by default the recorded model judges, as in xici grade). With --ray, Ray workers ask the batches of
     every condition (as in xici record --ray); the runs are the same as without.
 
+    The checkpoint must have the files the run was recorded with (names, sizes, hashes): a changed one is
+    refused, naming what changed, unless --allow-changed-model (stored with the ablation runs); a moved one
+    is named with --model.
+
     Prints the paper's Table 2: ablation success rate (ASR: correct answers now wrong), spurious gain rate
     (SGR: wrong answers now right), their difference, and questions now wrong in every language.
     """
@@ -167,7 +181,7 @@ def ablate(
     if analysis_id is None:
         raise click.UsageError("give --analysis ID (or use: xici ablate show)")
     lake = ctx.find_object(Lake)
-    grader_options = _grader_options(lake, analysis_id, judge, device)
+    grader_options = _grader_options(lake, analysis_id, judge, device, model)
     ablate_with_progress(
         lake,
         analysis_id,
@@ -180,6 +194,8 @@ def ablate(
         backend=backend,
         engine_options=engine_options,
         ray=ray,
+        model=model,
+        allow_changed_model=allow_changed_model,
     )
 
 
@@ -196,6 +212,8 @@ def ablate_with_progress(
     backend: str | None = None,
     engine_options: dict[str, Any] | None = None,
     ray: RayOptions | None = None,
+    model: str | None = None,
+    allow_changed_model: bool = False,
 ) -> AblationResult:
     """Run (or resume) every condition with progress bars, print Table 2, and fail loudly on a violation.
 
@@ -217,6 +235,8 @@ def ablate_with_progress(
             backend=backend,
             engine_options=engine_options,
             ray=ray,
+            model=model,
+            allow_changed_model=allow_changed_model,
             on_batch=lambda condition, done: progress(f"ablating: {label(condition)}", done),
         )
     for run in result.runs:

@@ -12,6 +12,12 @@ from xici.warehouse import Lake
 
 pass_lake = click.make_pass_decorator(Lake)
 
+allow_changed_model = click.option(
+    "--allow-changed-model",
+    is_flag=True,
+    help="Go on with a checkpoint whose files differ from the recorded run's (stored with the run).",
+)
+
 # The vLLM engine settings a user may need (some of xici.recorder.vllm_backend.ENGINE_OPTIONS): name ->
 # (type, help). Not given: vLLM's default applies.
 _ENGINE_OPTIONS: dict[str, tuple[click.ParamType, str]] = {

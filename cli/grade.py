@@ -8,6 +8,7 @@ The ``--judge-*`` options (:func:`judge_options`) are shared with ``xici record`
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from xici.cli.common import pass_lake
+from xici.cli.common import allow_changed_model, pass_lake
 from xici.corpora.agreement import Comparison, Confusion, compare, graders_of_run, pairs_to_compare
 from xici.errors import XiciError
 from xici.progress import progress_bar
@@ -126,15 +127,23 @@ def judge_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _run_model(lake: Lake, run_id: int) -> str:
-    """The model a run was recorded (or ablated) with: the judge's default."""
-    con = lake.connect(read_only=True)
-    try:
-        row = con.execute("select model from runs where run_id = ?", [run_id]).fetchone()
-    finally:
-        con.close()
+def _run_model(lake: Lake, run_id: int, allow_changed_model: bool) -> str:
+    """The model a run was recorded (or ablated) with, the judge's default: refused when its checkpoint
+    files changed since (:mod:`xici.recorder.fingerprint`)."""
+    from xici.recorder.fingerprint import check_model
+
+    row = lake.read(
+        lambda con: con.execute(
+            "select model, params ->> 'model_fingerprint' from runs where run_id = ?", [run_id]
+        ).fetchone()
+    )
     if row is None:
         raise XiciError(f"there is no run {run_id} in this lake", where="--run")
+    recorded = None if row[1] is None else json.loads(row[1])
+    where = f"the model of run {run_id} (the judge's default)"
+    check_model(
+        row[0], recorded, run_id=run_id, allow_changed=allow_changed_model, where=where, moved="--judge-model"
+    )
     return row[0]
 
 
@@ -142,9 +151,17 @@ def _run_model(lake: Lake, run_id: int) -> str:
 @click.option("--run", "run_id", type=int, help="Run whose answers to grade.")
 @click.option("--grader", help="Grader name: match, or judge (an LLM answering YES or NO).")
 @click.option("--force", is_flag=True, help="Grade again answers already graded by this grader and version.")
+@allow_changed_model
 @judge_options
 @pass_lake
-def grade(lake: Lake, run_id: int | None, grader: str | None, force: bool, judge: JudgeOptions) -> None:
+def grade(
+    lake: Lake,
+    run_id: int | None,
+    grader: str | None,
+    force: bool,
+    allow_changed_model: bool,
+    judge: JudgeOptions,
+) -> None:
     """Grade every answer of a run with GRADER, without re-recording; prints accuracy per language.
 
     Grades are kept per grader, so several graders' grades of a run sit side by side (compare them with
@@ -154,7 +171,8 @@ def grade(lake: Lake, run_id: int | None, grader: str | None, force: bool, judge
 
     --grader judge asks a chat model (by default the run's own model) with the question, the accepted
     answers and the response; it must answer YES or NO. Other answers are stored as undecided, with the
-    judge's raw answer in grades.detail.
+    judge's raw answer in grades.detail. The run's model judges only while its checkpoint files are those
+    the run was recorded with (--allow-changed-model: any).
     """
     if click.get_current_context().invoked_subcommand is not None:
         if run_id is not None or grader is not None:
@@ -162,7 +180,7 @@ def grade(lake: Lake, run_id: int | None, grader: str | None, force: bool, judge
         return
     if run_id is None or grader is None:
         raise click.UsageError("xici grade needs --run and --grader (or a subcommand: compare)")
-    options = judge.for_grader(grader, model=lambda: _run_model(lake, run_id))
+    options = judge.for_grader(grader, model=lambda: _run_model(lake, run_id, allow_changed_model))
     with progress_bar() as bar:
         task = bar.add_task(f"grading with {grader}", total=None)
 

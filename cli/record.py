@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from xici.cli.common import engine_options, pass_lake, ray_options
+from xici.cli.common import allow_changed_model, engine_options, pass_lake, ray_options
 from xici.cli.grade import JudgeOptions, judge_options
 from xici.progress import BatchProgress, console, progress_bar
 from xici.recorder import BACKENDS, DTYPES
@@ -72,6 +72,7 @@ def _languages(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option(
     "--grader", default="match", show_default=True, help="Grader: match, or judge (see xici grade)."
 )
+@allow_changed_model
 @judge_options
 @pass_lake
 def record(
@@ -93,6 +94,7 @@ def record(
     gate_dtype: str,
     store_logits: bool,
     grader: str,
+    allow_changed_model: bool,
     judge: JudgeOptions,
 ) -> None:
     """Ask every question of a dataset in every language and record its routing, token by token.
@@ -110,6 +112,10 @@ def record(
     With --ray the batches are asked by --workers engines on Ray (a local instance, or the cluster at
     --ray-address), each writing the token arrays of its batches to its own shard of the gate store, while
     this process alone writes the warehouse; the run is the same as without Ray (see docs/scale-out.md).
+
+    The checkpoint's files are fingerprinted (names, sizes, hashes; weights from their headers and sampled
+    blocks) and stored with the run: a run is resumed only with the same checkpoint files, unless
+    --allow-changed-model.
 
     Progress is a bar on a terminal and one line per committed batch otherwise.
     """
@@ -139,6 +145,7 @@ def record(
             grader_options=grader_options,
             engine_options=engine_options,
             ray=ray,
+            allow_changed_model=allow_changed_model,
         )
 
 
@@ -151,6 +158,7 @@ def record_with_progress(
     grader_options: dict[str, Any] | None = None,
     engine_options: dict[str, Any] | None = None,
     ray: RayOptions | None = None,
+    allow_changed_model: bool = False,
 ) -> RecordResult:
     """Record (or resume) a run with a progress bar, then print what happened and the accuracy per language.
 
@@ -171,6 +179,7 @@ def record_with_progress(
             grader_options=grader_options,
             engine_options=engine_options,
             ray=ray,
+            allow_changed_model=allow_changed_model,
         )
     if result.already_finished:
         click.echo(f"Run {result.run_id} is already finished ({result.n_units} units); nothing to do.")

@@ -35,6 +35,7 @@ from xici.keys import stable_key
 from xici.moe.base import MoELayout
 from xici.recorder.asking import AskerSpec, Unit
 from xici.recorder.batches import BatchDone, run_batches
+from xici.recorder.fingerprint import check_model, note_changes
 from xici.recorder.generator import load_tokenizer, resolve_dtype
 from xici.recorder.pool import RayOptions, open_pool, placement, release
 from xici.recorder.prompting import DEFAULT_SYSTEM, Prompt, PromptFormat
@@ -238,6 +239,7 @@ def record(
     grader_options: Mapping[str, Any] | None = None,
     engine_options: Mapping[str, Any] | None = None,
     ray: RayOptions | None = None,
+    allow_changed_model: bool = False,
 ) -> RecordResult:
     """Record a dataset with a model into the lake, or resume the run of the same spec.
 
@@ -246,6 +248,8 @@ def record(
     ``engine_options`` are the vLLM engine's (:data:`~xici.recorder.vllm_backend.ENGINE_OPTIONS`); they and
     the engine's resolved settings are kept in the params (``engine``) of the run this call creates.
     ``ray`` asks the batches on Ray workers (:mod:`xici.recorder.ray_pool`); the run is the same either way.
+    The checkpoint's fingerprint (:mod:`xici.recorder.fingerprint`) is stored with a new run; a run is resumed
+    only with the checkpoint it was started with, unless ``allow_changed_model`` (stored with the run).
 
     Everything that can be refused (unsupported model, unknown dataset or language, bad parameters) is
     refused before anything is written; the model weights are loaded only when there is work left.
@@ -269,9 +273,16 @@ def record(
     if existing is not None and existing[1] == "finished":
         release(ray)
         return RecordResult(existing[0], False, len(units), len(units), already_finished=True)
+    model = check_model(
+        spec.model,
+        None if existing is None else existing[2],
+        run_id=0 if existing is None else existing[0],
+        allow_changed=allow_changed_model,
+        where="--model",
+    )
     asking = spec.asker(device, grader_options=grader_options, engine_options=engine_options)
     with contextlib.closing(open_pool(asking, ray, lake)) as pool:
-        params = {**plan.params, "engine": pool.metadata}
+        params = {**plan.params, **model.params, "engine": pool.metadata}
         arrays = {
             "n_layers": layout.n_moe_layers,
             "top_k": layout.top_k,
@@ -298,6 +309,8 @@ def record(
                 versions=library_versions(),
                 n_units=len(units),
             )
+            if not created:
+                note_changes(con, run_id, model)
             lake.gates(con=con).create_run(run_id, **arrays)
             return run_id, created
 
@@ -381,10 +394,14 @@ def _check_context(
     )
 
 
-def _existing_run(con: duckdb.DuckDBPyConnection, run_key: str, grader: Grader) -> tuple[int, str] | None:
-    """(run_id, status) of the run with this key, refusing to continue it with another grader or version."""
+def _existing_run(
+    con: duckdb.DuckDBPyConnection, run_key: str, grader: Grader
+) -> tuple[int, str, dict[str, Any] | None] | None:
+    """(run_id, status, model fingerprint) of the run with this key, refusing to continue it with another
+    grader or version."""
     row = con.execute(
-        "select run_id, status, params ->> 'grader', params ->> 'grader_version' from runs where run_key = ?",
+        "select run_id, status, params ->> 'grader', params ->> 'grader_version',"
+        " params ->> 'model_fingerprint' from runs where run_key = ?",
         [run_key],
     ).fetchone()
     if row is None:
@@ -402,4 +419,4 @@ def _existing_run(con: duckdb.DuckDBPyConnection, run_key: str, grader: Grader) 
             fix=f"resume it with the options it was recorded with (runs.params), then grade it again with "
             f"xici grade --run {row[0]} --grader {grader.name}",
         )
-    return row[0], row[1]
+    return row[0], row[1], None if row[4] is None else json.loads(row[4])
