@@ -121,8 +121,7 @@ def test_replaced_weights_are_refused_unless_allowed(lake: Lake, replaced_weight
 
 
 def test_a_resumed_recording_refuses_changed_weights(lake: Lake, recorded, replaced_weights: Path) -> None:
-    with lake.transaction() as con:
-        con.execute("update runs set status = 'running'")
+    lake.write(lambda con: con.execute("update runs set status = 'running'"))
     spec = RecordSpec(model=str(recorded[1]), dataset="toy", max_new_tokens=8, grader="length-parity")
     with pytest.raises(XiciError, match=r"model\.safetensors changed content"):
         record(lake, spec, device="cpu")
