@@ -85,7 +85,8 @@ def insert_analysis(
             )
             for rank, (layer, expert) in enumerate(pairs, 1):
                 con.execute(
-                    "insert into analysis_experts values (?, ?, ?, ?, ?, 1.0, 0.01, 0.1)",
+                    "insert into analysis_experts (analysis_id, question_id, rank, layer, expert, u, p,"
+                    " median_diff) values (?, ?, ?, ?, ?, 1.0, 0.01, 0.1)",
                     [analysis_id, question, rank, layer, expert],
                 )
     return analysis_id
