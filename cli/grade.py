@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from xici.cli.common import allow_changed_model, pass_lake
+from xici.cli.common import allow_changed_model, given_options, pass_lake, with_options
 from xici.corpora.agreement import Comparison, Confusion, compare, graders_of_run, pairs_to_compare
 from xici.errors import XiciError
 from xici.progress import progress_bar
@@ -82,49 +82,34 @@ class JudgeOptions:
         return options
 
 
-_JUDGE_OPTIONS = (
-    click.option(
-        "--judge-model", help="Judge model for --grader judge: checkpoint or hub id [default: the run's]."
+# The --judge-* options: name -> (type, help), each a field of JudgeOptions after "judge_".
+_JUDGE_OPTIONS: dict[str, tuple[click.ParamType, str]] = {
+    "judge_model": (
+        click.STRING,
+        "Judge model for --grader judge: checkpoint or hub id [default: the run's].",
     ),
-    click.option(
-        "--judge-template",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help="File with the judge's prompt, fields {question} {answers} {response} {lang} "
+    "judge_template": (
+        click.Path(exists=True, dir_okay=False, path_type=Path),
+        "File with the judge's prompt, fields {question} {answers} {response} {lang} "
         "[default: xici.recorder.judge.DEFAULT_TEMPLATE].",
     ),
-    click.option("--judge-batch-size", type=int, help="Prompts the judge reads together [default: 8]."),
-    click.option("--judge-max-new-tokens", type=int, help="Judge answer length limit [default: 16]."),
-    click.option("--judge-device", help="Judge model device [default: the command's --device, or auto]."),
-    click.option(
-        "--judge-dtype",
-        type=click.Choice(DTYPES),
-        help="Judge weights dtype [default: the command's --dtype, or auto].",
-    ),
-)
+    "judge_batch_size": (click.INT, "Prompts the judge reads together [default: 8]."),
+    "judge_max_new_tokens": (click.INT, "Judge answer length limit [default: 16]."),
+    "judge_device": (click.STRING, "Judge model device [default: the command's --device, or auto]."),
+    "judge_dtype": (click.Choice(DTYPES), "Judge weights dtype [default: the command's --dtype, or auto]."),
+}
 
 
 def judge_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add the ``--judge-*`` options to a click command, which receives them as one ``judge`` argument."""
 
     @functools.wraps(command)
-    def wrapper(
-        *args: Any,
-        judge_model: str | None,
-        judge_template: Path | None,
-        judge_batch_size: int | None,
-        judge_max_new_tokens: int | None,
-        judge_device: str | None,
-        judge_dtype: str | None,
-        **kwargs: Any,
-    ) -> Any:
-        judge = JudgeOptions(
-            judge_model, judge_template, judge_batch_size, judge_max_new_tokens, judge_device, judge_dtype
-        )
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = given_options(kwargs, _JUDGE_OPTIONS)
+        judge = JudgeOptions(**{name.removeprefix("judge_"): value for name, value in given.items()})
         return command(*args, judge=judge, **kwargs)
 
-    for option in reversed(_JUDGE_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
+    return with_options(wrapper, _JUDGE_OPTIONS)
 
 
 def _run_model(lake: Lake, run_id: int, allow_changed_model: bool) -> str:

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-# The test machines are small and shared: one thread keeps runs stable (see shared/engine-facts.md).
+if TYPE_CHECKING:
+    from xici.warehouse import Lake
+
+# The test machines are small and shared. With two or more threads, in-process generation (transformers or
+# vLLM on the CPU) was seen to slow down now and then to a few dozen tokens a second; with one thread every
+# run was stable, so the tests run with one unless told otherwise.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def rows(lake: Lake, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> list[tuple]:
+    """The rows of ``query`` on the lake's warehouse (read-only; tests import it from here)."""
+    return lake.read(lambda con: con.execute(query, params or []).fetchall())
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import rows
 from test_ablation_support import (
     ASKED,
     assert_same_full,
@@ -21,7 +22,6 @@ from test_ablation_support import (
     insert_analysis,
     record_toy,
     routing,
-    rows,
     xici_sets,
 )
 from test_recorder_support import stopping_checkpoint

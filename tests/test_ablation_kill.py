@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import rows
 from test_ablation_support import (
     ASKED,
     assert_same_full,
@@ -18,7 +19,6 @@ from test_ablation_support import (
     full_snapshot,
     insert_analysis,
     record_toy,
-    rows,
     xici_sets,
 )
 from test_recorder_support import (

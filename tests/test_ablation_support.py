@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from conftest import rows
 from test_recorder_support import assert_same_lake, new_lake, snapshot
 
 from xici.corpora.graders import Grade, register_grader
@@ -43,14 +44,6 @@ def record_toy(checkpoint: Path, root: Path, *, grader: str = "length-parity") -
 def copy_lake(lake: Lake, root: Path) -> Lake:
     shutil.copytree(lake.root, root)
     return Lake(root)
-
-
-def rows(lake: Lake, query: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple]:
-    con = lake.connect(read_only=True)
-    try:
-        return con.execute(query, params).fetchall()
-    finally:
-        con.close()
 
 
 def insert_analysis(

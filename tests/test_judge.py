@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import rows
 from test_recorder_support import N_UNITS, new_lake
 from test_thinking import with_new_tokens
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -140,14 +141,6 @@ def recorded_lake(models, tmp_path_factory) -> Path:
 def lake(recorded_lake: Path, tmp_path: Path) -> Lake:
     shutil.copytree(recorded_lake, tmp_path / "lake")
     return Lake(tmp_path / "lake")
-
-
-def rows(lake: Lake, query: str, params: list | None = None) -> list[tuple]:
-    con = lake.connect(read_only=True)
-    try:
-        return con.execute(query, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def judged(lake: Lake) -> list[tuple]:

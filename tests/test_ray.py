@@ -30,6 +30,7 @@ pytest.importorskip("ray", reason="Ray is not installed (pip install 'xici[ray]'
 
 import ray
 from click.testing import CliRunner, Result
+from conftest import rows
 from test_recorder_support import new_lake, xici_command, xici_env
 
 from xici.ablation.runner import run_ablation
@@ -57,14 +58,6 @@ RAY = RayOptions(workers=WORKERS, cpus_per_worker=1)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-
-
-def rows(lake: Lake, query: str, params: list[Any] | None = None) -> list[tuple]:
-    con = lake.connect(read_only=True)
-    try:
-        return con.execute(query, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def copy_lake(lake: Lake, root: Path) -> Lake:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import rows
 from test_recorder_support import (
     N_UNITS,
     QUESTIONS,
@@ -71,14 +72,6 @@ def spec_for(model: Path, **kw) -> RecordSpec:
     return RecordSpec(
         **{"model": str(model), "dataset": "toy", "max_new_tokens": MAX_NEW, "gate_dtype": "float32", **kw}
     )
-
-
-def rows(lake: Lake, query: str, params: list | None = None) -> list[tuple]:
-    con = lake.connect(read_only=True)
-    try:
-        return con.execute(query, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def reference(model, token_ids: np.ndarray):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rows
 from test_recorder_support import QUESTIONS, new_lake
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -17,7 +18,6 @@ from xici.corpora.thinking import SplitResponse, split_thinking
 from xici.recorder.hf_backend import HFGenerator
 from xici.recorder.prompting import PromptFormat
 from xici.recorder.run import RecordSpec, record
-from xici.warehouse import Lake
 
 torch.set_num_threads(1)
 MAX_NEW = 8
@@ -99,14 +99,6 @@ class EchoGrader:
 
 
 register_grader("echo", EchoGrader)
-
-
-def rows(lake: Lake, query: str) -> list[tuple]:
-    con = lake.connect(read_only=True)
-    try:
-        return con.execute(query).fetchall()
-    finally:
-        con.close()
 
 
 def test_recording_cuts_thinking_off_before_grading_and_keeps_it(tiny_checkpoint, tmp_path: Path) -> None:

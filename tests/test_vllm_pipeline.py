@@ -28,7 +28,8 @@ pytest.importorskip(
 )
 
 from click.testing import CliRunner
-from test_ablation_support import MAX_NEW, insert_analysis, routing, rows, xici_sets
+from conftest import rows
+from test_ablation_support import MAX_NEW, insert_analysis, routing, xici_sets
 from test_recorder_support import N_UNITS, new_lake, stopping_checkpoint
 
 from xici.ablation.runner import run_ablation
