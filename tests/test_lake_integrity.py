@@ -78,6 +78,10 @@ def test_missing_chunk_is_an_error_for_every_reader(lake: Lake) -> None:
     assert f"run 1 are damaged: topk_weights, tokens {size}-{2 * size - 1} (seq_id " in analyzed.output
     assert f"{first}-{last}" in analyzed.output
     assert "xici lake check" in analyzed.output
+    for command in (["sql", "select sum(weight) from token_gates"], ["runs", "compare", "1", "1"]):
+        read = xici(lake.root, *command)
+        assert read.exit_code == 1 and "Traceback" not in read.output, read.output
+        assert read.output.startswith("Error: the token arrays of run 1 are damaged: topk_weights, tokens")
     assert lake.read(lambda con: con.execute("select count(*) from analyses").fetchone()[0]) == 0
 
 

@@ -30,6 +30,7 @@ machines can write it.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,14 @@ class DamagedGates(XiciError):
             f"the token arrays of {of} are damaged: {self.field}, tokens {first}-{last}{sequences}: "
             f"{self.problem}"
         )
+
+    @classmethod
+    def found_in(cls, text: str) -> XiciError | None:
+        """The damage a message carries, as raised: DuckDB passes an error of a registered Arrow reader on
+        as text (with the Python traceback after it), so a query over the token relations can still say only
+        this."""
+        found = re.search(r"(the token arrays of .*?)\. Where: (.*?)\. " + re.escape(cls.FIX), text, re.S)
+        return None if found is None else XiciError(found.group(1), where=found.group(2), fix=cls.FIX)
 
     def naming(self, sequences: str) -> DamagedGates:
         """The same error naming the sequences whose tokens are in the damaged range."""

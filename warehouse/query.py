@@ -23,7 +23,7 @@ from pathlib import Path
 import duckdb
 
 from xici.errors import XiciError
-from xici.warehouse.gates import local_folder
+from xici.warehouse.gates import DamagedGates, local_folder
 from xici.warehouse.lake import Lake
 from xici.warehouse.scan import TOKEN_RELATIONS, ScanStats
 
@@ -208,6 +208,9 @@ def _literal(value: bool | str | list[str]) -> str:
 
 def query_error(exc: duckdb.Error) -> XiciError:
     """The message for a query that failed to run on a :func:`query_connection`."""
+    damage = DamagedGates.found_in(str(exc))
+    if damage is not None:
+        return damage
     if isinstance(exc, duckdb.PermissionException):
         return XiciError(
             f"the query was refused by the sandbox: {exc}",
