@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from rich.console import Console
 from rich.table import Table
@@ -9,6 +11,9 @@ from rich.table import Table
 from xici.cli.common import pass_lake
 from xici.progress import progress_bar
 from xici.warehouse import Lake
+
+if TYPE_CHECKING:
+    from xici.warehouse.check import Finding
 
 
 @click.group()
@@ -34,8 +39,10 @@ def check(lake: Lake) -> None:
     are decoded.
     """
     from xici.analysis.identify import changed_analyses
-    from xici.warehouse.check import Finding, check_lake, open_as_is
+    from xici.warehouse.check import Finding, check_lake, open_as_is, without_warehouse
 
+    if not lake.warehouse_path.exists():
+        _report(lake, without_warehouse(lake))
     con = open_as_is(lake)
     try:
         with progress_bar(transient=True) as bar:
@@ -50,6 +57,11 @@ def check(lake: Lake) -> None:
             findings.append(Finding("analyses", not changed, detail))
     finally:
         con.close()
+    _report(lake, findings)
+
+
+def _report(lake: Lake, findings: list[Finding]) -> None:
+    """Print the findings as a table; exit with status 1 unless every one holds."""
     table = Table(title=f"lake check: {lake.root}")
     for header in ("check", "", "found"):
         table.add_column(header, overflow="fold")

@@ -246,3 +246,26 @@ def test_lake_check_names_the_runs_of_another_lakes_store(lake: Lake) -> None:
     tokens = GateStore(lake.zarr_path, read_only=True).length(1)
     assert f"it holds runs 1 ({tokens:,} tokens)" in rows["identity"][1]
     assert rows["tokens"] == ("FAIL", "not checked: the gate store is not this lake's")
+
+
+def test_lake_check_of_a_folder_without_its_warehouse(lake: Lake) -> None:
+    tokens = GateStore(lake.zarr_path, read_only=True).length(1)
+    lake.warehouse_path.unlink()
+    code, rows = check(lake)
+    assert code == 1 and rows["schema"] == ("FAIL", f"there is no warehouse.duckdb in {lake.root}")
+    assert f"holds runs 1 ({tokens:,} tokens) (it belongs to lake " in rows["identity"][1]
+    assert not lake.warehouse_path.exists()
+
+
+def test_lake_check_does_not_migrate_an_older_warehouse(lake: Lake) -> None:
+    """A lake from before lake ids: checked as it is (the next writing command migrates it)."""
+    version = lake.read(lambda con: con.execute("select max(version) from schema_version").fetchone()[0])
+    lake.write(lambda con: con.execute("delete from schema_version where version >= 8; drop table lake"))
+    del GateStore(lake.zarr_path)._root.attrs["lake_id"]
+    before = gate_files(lake.root)
+    code, rows = check(lake)
+    assert code == 0, rows
+    assert rows["schema"][1] == f"version 7 of {version}; the next command that writes migrates it"
+    assert rows["identity"][1].startswith("no id yet (older schema")
+    assert "not claimed yet" in rows["identity"][1]
+    assert gate_files(lake.root) == before

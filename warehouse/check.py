@@ -75,6 +75,16 @@ def check_lake(
     return findings
 
 
+def without_warehouse(lake: Lake) -> list[Finding]:
+    """A lake folder whose warehouse is missing: what its gate store still holds."""
+    store = GateStore(lake.gates_location, read_only=True)
+    owner = f" (it belongs to lake {store.owner})" if store.owner else ""
+    return [
+        Finding("schema", False, f"there is no {lake.warehouse_path.name} in {lake.root}"),
+        Finding("identity", False, f"the gate store at {store.location} holds {_held(store)}{owner}"),
+    ]
+
+
 def _of(run_id: int, shard: Shard) -> str:
     return f"run {run_id}" if shard is None else f"shard {shard} of run {run_id}"
 
