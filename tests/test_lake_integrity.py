@@ -269,3 +269,25 @@ def test_lake_check_does_not_migrate_an_older_warehouse(lake: Lake) -> None:
     assert rows["identity"][1].startswith("no id yet (older schema")
     assert "not claimed yet" in rows["identity"][1]
     assert gate_files(lake.root) == before
+
+
+def test_lake_check_reads_shards(lake: Lake) -> None:
+    """A scaled-out run's shards: committed ones are checked chunk by chunk, empty ones are orphans."""
+    store = lake.gates()
+    committed, spare = store.add_shard(1), store.add_shard(1)
+    tokens = store.read(1, 0, 5000)
+    store.append(1, tokens, shard=committed)
+    row = dict.fromkeys(("question_id", "lang", "prompt_text", "response_text", "finish_reason"), "x")
+    rows = [{**row, "unit": 10_000 + i, "n_prompt_tokens": 1, "n_generated": 1} for i in range(2)]
+    lake.commit_rows(1, rows, 0, [2500, 2500], shard=committed)
+    code, found = check(lake)
+    assert found["tokens"][0] == "ok" and "146 sequences" in found["tokens"][1]
+    assert "token arrays of 2 of 2 runs and shards with checksums" in found["tokens"][1]
+    assert found["orphans"] == ("FAIL", f"shard {spare} of run 1: a shard without any committed sequence")
+    store.drop_shard(1, spare)
+    assert check(lake)[0] == 0
+
+    (lake.zarr_path / "runs/1/shards" / str(committed) / "topk_ids/c/1/0/0").unlink()
+    code, found = check(lake)
+    assert code == 1
+    assert found["tokens"][1].startswith(f"the token arrays of shard {committed} of run 1 are damaged")
