@@ -10,7 +10,9 @@ exactly "no weight on any token".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import duckdb
 import numpy as np
 
 from xici.warehouse import Lake
@@ -35,11 +37,9 @@ def check_deactivation(
     lake: Lake, run_id: int, *, tokens_per_read: int = TOKENS_PER_READ
 ) -> DeactivationCheck:
     """Check every committed token of ablation run ``run_id`` against its question's deactivated experts."""
-    con = lake.connect(read_only=True)
-    try:
-        n_layers, n_experts = con.execute(
-            "select n_moe_layers, n_experts from runs where run_id = ?", [run_id]
-        ).fetchone()
+
+    def read(con: duckdb.DuckDBPyConnection) -> tuple[tuple[int, int], dict[str, Any], dict[str, Any]]:
+        shape = con.execute("select n_moe_layers, n_experts from runs where run_id = ?", [run_id]).fetchone()
         seqs = con.execute(
             "select seq_id, question_id, coalesce(shard, -1) as shard, token_start, n_tokens from sequences"
             " where run_id = ? order by shard nulls first, token_start",
@@ -48,8 +48,9 @@ def check_deactivation(
         off = con.execute(
             "select question_id, layer, expert from ablation_experts where run_id = ?", [run_id]
         ).fetchnumpy()
-    finally:
-        con.close()
+        return shape, seqs, off
+
+    (n_layers, n_experts), seqs, off = lake.read(read)
     questions = np.unique(np.concatenate([seqs["question_id"], off["question_id"]]))
     masks = np.zeros((len(questions), n_layers, n_experts), dtype=bool)
     masks[np.searchsorted(questions, off["question_id"]), off["layer"], off["expert"]] = True

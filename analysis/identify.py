@@ -245,24 +245,28 @@ def changed_analyses(con: duckdb.DuckDBPyConnection) -> list[tuple[int, int]]:
 
 def analyze(lake: Lake, run_id: int, points: list[AnalysisParams]) -> list[AnalysisRecord]:
     """Analyses of a run for each parameter point, reusing the stored ones with the same key."""
-    with lake.transaction() as con:
+
+    def look_up(con: duckdb.DuckDBPyConnection) -> tuple[RunInfo, list[str], dict[str, int]]:
         apply_views(con)
         info = run_info(con, run_id)
         fingerprints = {g: data_fingerprint(con, info, g) for g in sorted({pt.grader for pt in points})}
         keys = [analysis_key(run_id, fingerprints[pt.grader], pt) for pt in points]
-        stored = dict(
-            con.execute(
-                "select analysis_key, analysis_id from analyses where analysis_key in (select unnest(?))",
-                [keys],
-            ).fetchall()
-        )
+        stored = con.execute(
+            "select analysis_key, analysis_id from analyses where analysis_key in (select unnest(?))", [keys]
+        ).fetchall()
+        return info, keys, dict(stored)
+
+    info, keys, stored = lake.write(look_up)
     missing = [i for i, key in enumerate(keys) if key not in stored]
     if missing:
         ensure_means(lake, run_id)
-        with lake.transaction() as con:
+
+        def compute(con: duckdb.DuckDBPyConnection) -> None:
             inputs = _Inputs(con, info, [points[i] for i in missing])
             for i in missing:
                 stored[keys[i]] = _store(con, info, points[i], keys[i], inputs)
+
+        lake.write(compute)
     return [AnalysisRecord(stored[keys[i]], pt, i in missing) for i, pt in enumerate(points)]
 
 

@@ -75,27 +75,33 @@ def run_info(con: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
 
 def ensure_means(lake: Lake, run_id: int) -> bool:
     """Build the run's means unless they match the run as it is now; returns whether they were built."""
-    with lake.transaction() as con:
+
+    def stale(con: duckdb.DuckDBPyConnection) -> RunInfo | None:
+        """The run's info when its means must be built (the old ones deleted), None when they are current."""
         apply_views(con)
         info = run_info(con, run_id)
         built = con.execute(
             "select n_sequences, n_tokens from seq_means_builds where run_id = ?", [run_id]
         ).fetchall()
         if built == [(info.n_sequences, info.n_tokens)]:
-            return False
+            return None
         for table in ("seq_means", "lang_means", "seq_means_builds"):
             con.execute(f"delete from {table} where run_id = ?", [run_id])
-    con = lake.connect()
-    try:
-        _insert_sequence_means(lake, con, info)
-    finally:
-        con.close()
-    with lake.transaction() as con:
+        return info
+
+    info = lake.write(stale)
+    if info is None:
+        return False
+    lake.write(lambda con: _insert_sequence_means(lake, con, info))
+
+    def finish(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("insert into lang_means select * from language_means(?)", [run_id])
         con.execute(
             "insert into seq_means_builds (run_id, n_sequences, n_tokens) values (?, ?, ?)",
             [run_id, info.n_sequences, info.n_tokens],
         )
+
+    lake.write(finish)
     return True
 
 

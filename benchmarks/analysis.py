@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 from scipy.stats import mannwhitneyu
 
@@ -71,7 +72,8 @@ def timed(label: str, into: dict[str, float]) -> Any:
 
 def forget_analyses(lake: Lake, run_id: int) -> None:
     """Drop the run's stored analyses, so the timed ones are computed, not reused."""
-    with lake.transaction() as con:
+
+    def change(con: duckdb.DuckDBPyConnection) -> None:
         for table in ("analysis_experts", "analysis_questions"):
             con.execute(
                 f"delete from {table} where analysis_id in "
@@ -80,13 +82,16 @@ def forget_analyses(lake: Lake, run_id: int) -> None:
             )
         con.execute("delete from analyses where run_id = ?", [run_id])
 
+    lake.write(change)
+
 
 def scipy_loop(
     lake: Lake, run_id: int, sample: int, check: Callable[[str, np.ndarray, np.ndarray], None]
 ) -> tuple:
     """Seconds per question of a per-expert scipy loop over `sample` mixed questions, and their count."""
     params = resolve(None, PAPER.n_layers)
-    with lake.connect(read_only=True) as con:
+
+    def loop(con: duckdb.DuckDBPyConnection) -> tuple[float, int]:
         mixed = [
             r[0]
             for r in con.execute(
@@ -111,7 +116,9 @@ def scipy_loop(
             results = [mannwhitneyu(d[correct], d[~correct], alternative="greater") for d in deltas]
             seconds += time.perf_counter() - start
             check(qid, np.array([r.statistic for r in results]), np.array([r.pvalue for r in results]))
-    return seconds / len(picked), len(mixed)
+        return seconds / len(picked), len(mixed)
+
+    return lake.read(loop)
 
 
 def main() -> None:
@@ -134,30 +141,31 @@ def main() -> None:
         lake = Lake(root)
         with timed("synthetic lake (write or reuse)", times):
             run_id = write_synthetic_lake(lake, spec).run_id
-        with lake.connect(read_only=True) as con:
-            info = run_info(con, run_id)
+        info = lake.read(lambda con: run_info(con, run_id))
         stored = lake.gates(read_only=True).nbytes_stored(run_id)
         print(
             f"lake: {info.n_sequences:,} sequences, {info.n_tokens:,} tokens, {info.n_moe_layers} layers x "
             f"{info.n_experts} experts, top-{info.top_k}; Zarr {stored / 1e9:.2f} GB"
         )
-        with lake.transaction() as con:
-            con.execute("delete from seq_means_builds where run_id = ?", [run_id])  # time a real build
+        # time a real build
+        lake.write(lambda con: con.execute("delete from seq_means_builds where run_id = ?", [run_id]))
         with timed("build means", times):
             ensure_means(lake, run_id)
-        with lake.connect(read_only=True) as con:
-            [(rows,)] = con.execute("select count(*) from seq_means where run_id = ?", [run_id]).fetchall()
+        [(rows,)] = lake.read(
+            lambda con: con.execute("select count(*) from seq_means where run_id = ?", [run_id]).fetchall()
+        )
         print(f"seq_means: {rows:,} non-zero rows ({rows / info.n_sequences:.0f} per sequence)")
 
         forget_analyses(lake, run_id)
         params = resolve(None, info.n_moe_layers)
         with timed("one analysis (layers 6:42)", times):
             [record] = analyze(lake, run_id, [params])
-        with lake.connect(read_only=True) as con:
-            [(mixed, with_experts, avg)] = con.execute(
+        [(mixed, with_experts, avg)] = lake.read(
+            lambda con: con.execute(
                 "select mixed, with_experts, avg_experts from analysis_summary where analysis_id = ?",
                 [record.analysis_id],
             ).fetchall()
+        )
         print(f"  {mixed} mixed questions, {with_experts} with experts, {avg:.1f} experts on average")
         with timed("one analysis, --mwu exact", times):
             analyze(lake, run_id, [replace(params, mwu="exact")])
@@ -166,8 +174,9 @@ def main() -> None:
         with timed(f"sweep of {len(grid)} points", times):
             analyze(lake, run_id, grid)
 
-        with lake.connect(read_only=True) as con:
-            tests = compute_tests(con, info, "match", "auto", params.layer_start, params.layer_stop)
+        tests = lake.read(
+            lambda con: compute_tests(con, info, "match", "auto", params.layer_start, params.layer_stop)
+        )
         index = {q: i for i, q in enumerate(tests.question_ids)}
 
         def check(qid: str, u: np.ndarray, p: np.ndarray) -> None:

@@ -34,15 +34,13 @@ def _grader_options(
     """Options of the analysis' grader: None (the runner takes the recording's) when the recording graded
     with it and no --judge-* option is given, else built from the --judge-* options with the defaults of
     xici grade (the recorded model judges)."""
-    con = lake.connect(read_only=True)
-    try:
-        row = con.execute(
+    row = lake.read(
+        lambda con: con.execute(
             "select a.grader, r.model, r.params ->> 'grader' from analyses a join runs r using (run_id)"
             " where a.analysis_id = ?",
             [analysis_id],
         ).fetchone()
-    finally:
-        con.close()
+    )
     if row is None or (row[0] == row[2] and judge == JudgeOptions()):
         return None
     return judge.for_grader(row[0], model=lambda: model or row[1], device=device)
@@ -273,11 +271,7 @@ def ablate_with_progress(
 @pass_lake
 def show(lake: Lake, analysis_ids: tuple[int, ...]) -> None:
     """Print the stored ablation metrics: Table 2 per analysis, then pooled over them."""
-    con = lake.connect(read_only=True)
-    try:
-        rows = metrics_rows(con, list(analysis_ids) or None)
-    finally:
-        con.close()
+    rows = lake.read(lambda con: metrics_rows(con, list(analysis_ids) or None))
     if not rows:
         which = f" of analysis {', '.join(map(str, analysis_ids))}" if analysis_ids else ""
         raise XiciError(

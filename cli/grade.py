@@ -232,12 +232,11 @@ def compare_graders(lake: Lake, run_id: int, graders: tuple[str, ...] | None) ->
     Only answers graded by both graders of a pair are compared; undecided grades are counted in their own
     columns and left out of the agreement and kappa.
     """
-    con = lake.connect(read_only=True)
-    try:
-        known = graders_of_run(con, run_id)
-        comparisons = [compare(con, run_id, a, b) for a, b in pairs_to_compare(known, graders)]
-    finally:
-        con.close()
+    comparisons = lake.read(
+        lambda con: [
+            compare(con, run_id, a, b) for a, b in pairs_to_compare(graders_of_run(con, run_id), graders)
+        ]
+    )
     out = Console()
     for comparison in comparisons:
         out.print(agreement_table(comparison))

@@ -193,11 +193,7 @@ def import_dataset(
         )
     settings = effective_options(fmt, options or {})
     if lake.warehouse_path.exists():
-        con = lake.connect(read_only=True)
-        try:
-            _refuse_taken(name, _existing_names(con), lake)
-        finally:
-            con.close()
+        lake.read(lambda con: _refuse_taken(name, _existing_names(con), lake))
     if not path.exists():
         raise XiciError("there is no such file or folder", where=str(path), fix="check the dataset path")
     source = Source(path)
@@ -220,7 +216,8 @@ def import_dataset(
             "answers": pa.array(data.answers, pa.list_(pa.string())),
         }
     )
-    with lake.transaction() as con:
+
+    def insert(con: duckdb.DuckDBPyConnection) -> None:
         _refuse_taken(name, _existing_names(con), lake)
         con.execute(
             "insert into datasets (name, format, source, source_sha256, options) values (?, ?, ?, ?, ?)",
@@ -234,6 +231,8 @@ def import_dataset(
         finally:
             con.unregister("new_questions")
             con.unregister("new_prompts")
+
+    lake.write(insert)
     return ImportSummary(name, fmt, len(data.questions), len(data.languages), len(data.langs), source.sha256)
 
 
@@ -278,11 +277,9 @@ def list_datasets(lake: Lake) -> list[DatasetInfo]:
     """Every imported dataset, oldest first (none when the lake has no warehouse yet)."""
     if not lake.warehouse_path.exists():
         return []
-    con = lake.connect(read_only=True)
-    try:
-        return [_info(r) for r in con.execute(_INFO_SQL + " order by d.imported_at, d.name").fetchall()]
-    finally:
-        con.close()
+    return lake.read(
+        lambda con: [_info(r) for r in con.execute(_INFO_SQL + " order by d.imported_at, d.name").fetchall()]
+    )
 
 
 def describe_dataset(lake: Lake, name: str, *, samples: int = 5) -> DatasetDetail:
@@ -292,8 +289,8 @@ def describe_dataset(lake: Lake, name: str, *, samples: int = 5) -> DatasetDetai
     if info is None:
         names = ", ".join(d.name for d in known) or "none yet"
         raise XiciError(f"there is no dataset named {name!r}", fix=f"imported datasets: {names}")
-    con = lake.connect(read_only=True)
-    try:
+
+    def read(con: duckdb.DuckDBPyConnection) -> DatasetDetail:
         per_lang = dict(
             con.execute(
                 "select lang, count(*) from prompts where dataset = ? group by lang order by lang", [name]
@@ -309,6 +306,6 @@ def describe_dataset(lake: Lake, name: str, *, samples: int = 5) -> DatasetDetai
             "order by question_id, lang limit ?",
             [name, samples],
         ).fetchall()
-    finally:
-        con.close()
-    return DatasetDetail(info, per_lang, complete, [(q, lang, t, list(a)) for q, lang, t, a in rows])
+        return DatasetDetail(info, per_lang, complete, [(q, lang, t, list(a)) for q, lang, t, a in rows])
+
+    return lake.read(read)

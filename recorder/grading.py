@@ -99,8 +99,8 @@ def regrade(
     Returns the accuracy per language over all of the run's grades by this grader.
     """
     grader = get_grader(grader_name, **options)
-    con = lake.connect(read_only=True)
-    try:
+
+    def read(con: duckdb.DuckDBPyConnection) -> tuple[str, list[tuple[Any, ...]], int]:
         dataset = con.execute("select dataset from runs where run_id = ?", [run_id]).fetchone()
         if dataset is None:
             raise XiciError(f"there is no run {run_id} in this lake", where="--run")
@@ -113,11 +113,12 @@ def regrade(
             [dataset[0], grader.name, run_id],
         ).fetchall()
         n_sequences = con.execute("select count(*) from sequences where run_id = ?", [run_id]).fetchone()[0]
-    finally:
-        con.close()
+        return dataset[0], rows, n_sequences
+
+    dataset, rows, n_sequences = lake.read(read)
     if len(rows) != n_sequences:
         raise XiciError(
-            f"{n_sequences - len(rows)} sequences of run {run_id} have no prompt in dataset {dataset[0]!r}",
+            f"{n_sequences - len(rows)} sequences of run {run_id} have no prompt in dataset {dataset!r}",
             where="prompts table",
             fix="re-import the dataset the run was recorded from",
         )
@@ -129,13 +130,9 @@ def regrade(
         chunk = todo[start : start + chunk_size]
         items = [GradeItem(q, list(answers), text, lang) for _, lang, q, answers, text, _ in chunk]
         grades = grader.grade(items)
-        with lake.transaction() as con:
-            store_grades(con, [row[0] for row in chunk], grader, grades)
+        seq_ids = [row[0] for row in chunk]
+        lake.write(lambda con, seq_ids=seq_ids, grades=grades: store_grades(con, seq_ids, grader, grades))
         progress = RegradeProgress(progress.done + len(chunk), progress.total, progress.kept)
         if on_progress is not None:
             on_progress(progress)
-    con = lake.connect(read_only=True)
-    try:
-        return accuracy(con, run_id, grader.name)
-    finally:
-        con.close()
+    return lake.read(lambda con: accuracy(con, run_id, grader.name))

@@ -194,7 +194,8 @@ def write_synthetic_lake(lake: Lake, spec: SyntheticSpec) -> SyntheticLake:
     """Write (or finish writing) the lake of ``spec``; a finished run with the same spec is reused."""
     world = synthetic_world(spec)
     lake.gates()  # as a recording does: refuse another lake's gate store before anything is written
-    with lake.transaction() as con:
+
+    def start(con: duckdb.DuckDBPyConnection) -> tuple[tuple[str] | None, int]:
         row = next(
             iter(con.execute("select status from runs where run_key = ?", [spec.key()]).fetchall()), None
         )
@@ -216,6 +217,9 @@ def write_synthetic_lake(lake: Lake, spec: SyntheticSpec) -> SyntheticLake:
             versions={"xici": __version__, "numpy": np.__version__},
             n_units=len(world.units),
         )
+        return row, run_id
+
+    row, run_id = lake.write(start)
     if row is not None and row[0] == "finished":
         return SyntheticLake(run_id, world)
     lake.gates().create_run(
@@ -228,11 +232,12 @@ def write_synthetic_lake(lake: Lake, spec: SyntheticSpec) -> SyntheticLake:
         if units:
             arrays = _routing(world, batch, first, min(first + step, len(world.units)))
             _commit(lake, run_id, world, units, [arrays[u - first] for u in units])
-    with lake.transaction() as con:
-        con.execute(
+    lake.write(
+        lambda con: con.execute(
             "update runs set status = 'finished', finished_at = ? where run_id = ?",
             [datetime.now(timezone.utc).replace(tzinfo=None), run_id],
         )
+    )
     return SyntheticLake(run_id, world)
 
 

@@ -280,12 +280,11 @@ def test_refused_before_anything_is_written(recorded, lake: Lake) -> None:
             run_ablation(lake, analysis_id, device="cpu", **options)
     assert_same_full(full_snapshot(lake), before)
 
-    with lake.transaction() as con:  # grades of another version than the grader's today
-        con.execute("update grades set grader_version = '0'")
+    # grades of another version than the grader's today
+    lake.write(lambda con: con.execute("update grades set grader_version = '0'"))
     with pytest.raises(XiciError, match="by length-parity version '0', not by the version"):
         run_ablation(lake, recorded[1], device="cpu")
-    with lake.transaction() as con:
-        con.execute("update runs set status = 'running'")
+    lake.write(lambda con: con.execute("update runs set status = 'running'"))
     with pytest.raises(XiciError, match="run 1, which analysis 1 read, is not finished"):
         run_ablation(lake, recorded[1], device="cpu")
     assert rows(lake, "select count(*) from runs") == [(1,)]

@@ -82,7 +82,8 @@ def add_ablation(
 @pytest.fixture
 def lake(tmp_path: Path) -> Lake:
     lake = Lake(tmp_path / "lake")
-    with lake.transaction() as con:
+
+    def change(con: duckdb.DuckDBPyConnection) -> None:
         add_run(con, 1, "record", "toy")
         for question, langs in GRADES.items():
             for lang, (before, _) in langs.items():
@@ -91,6 +92,8 @@ def lake(tmp_path: Path) -> Lake:
             for lang, before in langs.items():
                 add_sequence(con, 1, question, lang, {"judge": before})
         add_ablation(con, 2, 1, 1, GRADES)
+
+    lake.write(change)
     return lake
 
 
@@ -114,7 +117,8 @@ def test_metrics_of_hand_made_grades(lake: Lake) -> None:
 
 def test_rates_without_a_denominator_are_none_and_pooling_sums_pairs(lake: Lake) -> None:
     all_wrong_before = {"qx": {"en": (F, F), "fr": (F, T)}}
-    with lake.transaction() as con:
+
+    def change(con: duckdb.DuckDBPyConnection) -> None:
         add_run(con, 3, "record", "other")
         for question, langs in all_wrong_before.items():
             for lang, (before, _) in langs.items():
@@ -124,6 +128,8 @@ def test_rates_without_a_denominator_are_none_and_pooling_sums_pairs(lake: Lake)
         add_ablation(con, 6, 3, 3, {"qx": {"en": (F, U), "fr": (F, U)}})  # the grader decided nothing
         for run_id in (2, 4, 5, 6):
             store_metrics(con, run_id)
+
+    lake.write(change)
     con = lake.connect(read_only=True)
     try:
         rows = metrics_rows(con)

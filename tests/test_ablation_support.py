@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 from conftest import rows
 from test_recorder_support import assert_same_lake, new_lake, snapshot
@@ -56,7 +57,8 @@ def insert_analysis(
     blacklist: tuple[float, float] = (0.01, 0.05),
 ) -> int:
     """An analysis of ``run_id`` whose expert sets are ``sets`` (question -> pairs, best first)."""
-    with lake.transaction() as con:
+
+    def insert(con: duckdb.DuckDBPyConnection) -> int:
         analysis_id = con.execute("select coalesce(max(analysis_id), 0) + 1 from analyses").fetchone()[0]
         con.execute(
             "insert into analyses (analysis_id, analysis_key, run_id, grader, alpha, tau, layer_start,"
@@ -82,7 +84,9 @@ def insert_analysis(
                     " median_diff) values (?, ?, ?, ?, ?, 1.0, 0.01, 0.1)",
                     [analysis_id, question, rank, layer, expert],
                 )
-    return analysis_id
+        return analysis_id
+
+    return lake.write(insert)
 
 
 def routing(lake: Lake, run_id: int) -> dict[tuple[str, str], np.ndarray]:

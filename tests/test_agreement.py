@@ -7,6 +7,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import duckdb
 import pytest
 from click.testing import CliRunner
 
@@ -66,13 +67,16 @@ def lake(tmp_path: Path) -> Lake:
         questions=((6, 3), (4, 4)), n_layers=8, n_experts=16, top_k=2, pool=6, tokens=(4, 8), ungraded=0.2
     )
     write_synthetic_lake(lake, spec)
-    with lake.transaction() as con:
+
+    def change(con: duckdb.DuckDBPyConnection) -> None:
         seq_ids = [r[0] for r in con.execute("select seq_id from sequences order by seq_id").fetchall()]
         con.executemany(
             "insert into grades (seq_id, grader, grader_version, correct, detail)"
             " values (?, 'other', '1', ?, '')",
             [[s, other_verdict(s)] for s in seq_ids[1:]],
         )
+
+    lake.write(change)
     return lake
 
 
@@ -146,8 +150,7 @@ def test_grade_compare_refuses_what_it_cannot_compare(lake: Lake, args: list[str
 
 
 def test_a_run_with_one_grader_says_how_to_get_a_second(lake: Lake) -> None:
-    with lake.transaction() as con:
-        con.execute("delete from grades where grader = 'other'")
+    lake.write(lambda con: con.execute("delete from grades where grader = 'other'"))
     out = CliRunner().invoke(cli, ["--lake", str(lake.root), "grade", "compare", "--run", "1"])
     assert out.exit_code == 1 and "this run has: match" in out.output and "--grader judge" in out.output
     missing = CliRunner().invoke(cli, ["--lake", str(lake.root), "grade", "compare", "--run", "9"])

@@ -190,11 +190,15 @@ def test_skipped_questions_are_counted(tmp_path: Path) -> None:
 def test_grader_chooses_the_split(planted: tuple[Lake, SyntheticLake], tmp_path: Path) -> None:
     lake = Lake(tmp_path)
     synthetic = write_synthetic_lake(lake, SPEC)
-    with lake.transaction() as con:  # a second grader that disagrees with match on every third answer
+
+    # a second grader that disagrees with match on every third answer
+    def change(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(
             "insert into grades (seq_id, grader, grader_version, correct) select seq_id, 'flip', '1', "
             "case when seq_id % 3 = 0 then not correct else correct end from grades where grader = 'match'"
         )
+
+    lake.write(change)
     match, flip = analyze(lake, synthetic.run_id, [resolve(None, 8), resolve(None, 8, grader="flip")])
     assert _sets(lake, match.analysis_id) != _sets(lake, flip.analysis_id)
     with pytest.raises(XiciError, match=r"no grades from grader 'judge'.*match"):
@@ -210,8 +214,9 @@ def test_expert_sets_are_a_pure_function_of_data_and_parameters(tmp_path: Path) 
         synthetic = write_synthetic_lake(lake, SPEC)
         if name == "two":
             ensure_means(lake, synthetic.run_id)
-            with lake.transaction() as con:
-                con.execute("update seq_means_builds set n_tokens = -1")  # force a rebuild
+            lake.write(
+                lambda con: con.execute("update seq_means_builds set n_tokens = -1")
+            )  # force a rebuild
         records = analyze(lake, synthetic.run_id, params)
         with lake.connect(read_only=True) as con:
             for record in records:
@@ -256,12 +261,15 @@ def three_three(tmp_path_factory: pytest.TempPathFactory) -> tuple[Lake, Synthet
     """30 questions in 6 languages with a grader 'split' that says 3 correct and 3 wrong for every one."""
     lake = Lake(tmp_path_factory.mktemp("three"))
     synthetic = write_synthetic_lake(lake, replace(SPEC, questions=((30, 6),), dataset="three"))
-    with lake.transaction() as con:
+
+    def change(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(
             "insert into grades (seq_id, grader, grader_version, correct) "
             "select seq_id, 'split', '1', lang in ('en', 'x-s01', 'x-s02') from sequences where run_id = ?",
             [synthetic.run_id],
         )
+
+    lake.write(change)
     return lake, synthetic
 
 

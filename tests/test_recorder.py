@@ -256,8 +256,12 @@ def test_grader_is_fixed_for_a_run_and_regrading_upserts(qwen: Path, tmp_path: P
         ("parity", 9),
     ]
 
-    with Lake(lake.root).transaction() as con:  # spoil the stored grades, then grade again from the CLI
-        con.execute("update grades set correct = null, detail = 'spoiled' where grader = 'parity'")
+    # spoil the stored grades, then grade again from the CLI
+    Lake(lake.root).write(
+        lambda con: con.execute(
+            "update grades set correct = null, detail = 'spoiled' where grader = 'parity'"
+        )
+    )
     args = ["--lake", str(lake.root), "grade", "--run", str(run_id), "--grader", "parity"]
     kept = CliRunner().invoke(cli, args)  # same grader and version: already graded answers are kept
     assert kept.exit_code == 0, kept.output

@@ -15,6 +15,7 @@ import hashlib
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -47,7 +48,8 @@ def _ablate(
 ) -> int:
     """A finished ablation run of ``condition``: an answer correct before turns wrong with probability
     ``lose``, a wrong one turns right with probability ``gain``."""
-    with lake.transaction() as con:
+
+    def start(con: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
         analysis = load_analysis(con, analysis_id)
         sets = xici_sets(con, analysis)
         shape = con.execute(
@@ -98,6 +100,9 @@ def _ablate(
             "insert into ablation_experts values (?, ?, ?, ?, ?)",
             [[run_id, a.question_id, a.source, *pair] for a in sets for pair in a.pairs],
         )
+        return analysis, sets, units, run_id, rng, shape[4:]
+
+    analysis, sets, units, run_id, rng, (n_layers, n_experts, top_k) = lake.write(start)
     off = {a.question_id: set(a.pairs) for a in sets}
     arrays = []
     for question_id, _, _ in units:
@@ -128,13 +133,16 @@ def _ablate(
     lake.gates().create_run(run_id, n_layers=n_layers, top_k=top_k, n_experts=n_experts)
     lake.commit_sequences(run_id, rows, arrays, also=grade)
     check = check_deactivation(lake, run_id)
-    with lake.transaction() as con:
+
+    def change(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(
             "update ablations set checked_tokens = ?, violations = ? where run_id = ?",
             [check.checked_tokens, check.violations, run_id],
         )
         store_metrics(con, run_id)
         con.execute("update runs set status = 'finished' where run_id = ?", [run_id])
+
+    lake.write(change)
     return run_id
 
 

@@ -82,12 +82,13 @@ def _commit(lake: Lake, run_id: int, names: list[str], first_unit: int) -> dict[
 @pytest.fixture
 def hand_lake(tmp_path: Path) -> tuple[Lake, int, dict[str, int]]:
     lake = Lake(tmp_path / "lake")
-    with lake.transaction() as con:
-        run_id, _ = lake.get_or_create_run(
+    run_id, _ = lake.write(
+        lambda con: lake.get_or_create_run(
             con, "hand", kind="record", dataset="hand", model="hand/moe", model_config_hash="-",
             architecture="hand", backend="hand", n_moe_layers=2, n_experts=4, top_k=2, params={}, versions={},
             n_units=4,
-        )  # fmt: skip
+        )
+    )  # fmt: skip
     lake.gates().create_run(run_id, n_layers=2, top_k=2, n_experts=4)
     seq_ids = _commit(lake, run_id, ["A", "B", "C", "D"], 0)
     assert ensure_means(lake, run_id)

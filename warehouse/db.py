@@ -102,12 +102,19 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         raise
 
 
+class WarehouseLocked(XiciError):
+    """Another process holds the warehouse file: DuckDB lets one process write it, and none read it
+    meanwhile. :meth:`xici.warehouse.Lake.retrying` waits these out; anything else is not retried."""
+
+
 def connect(path: Path, *, read_only: bool = False, migrating: bool = True) -> duckdb.DuckDBPyConnection:
     """Open the warehouse file, migrating it first when opened for writing.
 
-    DuckDB lets one process write a file at a time; a second writer gets a clear error instead of a lock
-    traceback. ``migrating=False`` opens a read-only connection on the file as it is, at whatever schema
-    version (``xici lake check`` changes nothing).
+    This is where every connection to the warehouse is made (code goes through :meth:`Lake.read` and
+    :meth:`Lake.write`). Another process's lock on the file raises :class:`WarehouseLocked`, any other
+    failure to open it a plain :class:`XiciError`, instead of a DuckDB traceback. ``migrating=False`` opens
+    a read-only connection on the file as it is, at whatever schema version (``xici lake check`` changes
+    nothing).
     """
     if read_only and not path.exists():
         raise XiciError(
@@ -115,19 +122,14 @@ def connect(path: Path, *, read_only: bool = False, migrating: bool = True) -> d
             where=str(path),
             fix="import a dataset first (xici datasets import ...), or pass the right --lake",
         )
-    try:
-        if not read_only and not path.exists():
-            _create(path)
-        con = duckdb.connect(str(path), read_only=read_only)
-    except duckdb.IOException as exc:
-        raise _open_error(path, exc) from None
+    con = _open(path, read_only)
     if not read_only:
         migrate(con)
     elif migrating and schema_version(con) < len(migrations()):
         con.close()
         # A read-only connection cannot migrate: open once for writing to bring the file up to date.
         connect(path).close()
-        con = duckdb.connect(str(path), read_only=True)
+        con = _open(path, True)
     return con
 
 
@@ -148,6 +150,17 @@ def _quoted(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection to the file (created first when opened for writing), DuckDB's errors turned into
+    ours."""
+    try:
+        if not read_only and not path.exists():
+            _create(path)
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as exc:
+        raise _open_error(path, exc) from None
+
+
 def attach_read_only(path: Path, alias: str) -> duckdb.DuckDBPyConnection:
     """A new in-memory DuckDB with the warehouse attached read-only as ``alias``.
 
@@ -165,10 +178,13 @@ def attach_read_only(path: Path, alias: str) -> duckdb.DuckDBPyConnection:
 
 
 def _open_error(path: Path, exc: duckdb.IOException) -> XiciError:
-    """Why the warehouse file did not open: a lock (another process), the permissions, or a damaged file."""
+    """Why the warehouse file did not open: a lock (another process), the permissions, or a damaged file.
+
+    Another process's lock is typed (:class:`WarehouseLocked`): DuckDB has no exception type of its own for
+    it, so its message is read here, and only here."""
     text = str(exc)
     if "Could not set lock" in text:
-        return XiciError(
+        return WarehouseLocked(
             f"cannot open the warehouse: {exc}",
             where=str(path),
             fix="another xici process is writing this lake; wait for it to finish, then run the command "

@@ -29,7 +29,7 @@ import numpy as np
 
 from xici.errors import XiciError
 from xici.notebook import LakeReading
-from xici.warehouse.db import attach_read_only, connect, damaged, transaction
+from xici.warehouse.db import WarehouseLocked, attach_read_only, connect, damaged, transaction
 from xici.warehouse.gates import (
     GateStore,
     Shard,
@@ -180,7 +180,7 @@ class Lake(LakeReading):
         return connect(self.warehouse_path, read_only=read_only)
 
     @contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived writing connection inside one transaction: all of it lands, or none of it."""
         con = self.connect()
         try:
@@ -242,8 +242,8 @@ class Lake(LakeReading):
         while True:
             try:
                 return action(attempt)
-            except XiciError as exc:
-                if "Could not set lock" not in exc.what or time.monotonic() > deadline:
+            except WarehouseLocked:
+                if time.monotonic() > deadline:
                     raise
             attempt += 1
             time.sleep(0.2)
@@ -269,7 +269,7 @@ class Lake(LakeReading):
         """``change(con)`` in one short transaction, waiting out other processes' locks."""
 
         def attempt(_: int) -> T:
-            with self.transaction() as con:
+            with self._transaction() as con:
                 return change(con)
 
         return self.retrying(attempt)
@@ -438,7 +438,7 @@ class Lake(LakeReading):
         """
         if len(rows) != len(lengths):
             raise ValueError("one length per sequence row")
-        with self.transaction() as con:
+        with self._transaction() as con:
             committed = self.committed_tokens(con, run_id, shard)
             if committed != start:
                 where = f"run {run_id}" if shard is None else f"run {run_id} shard {shard}"
