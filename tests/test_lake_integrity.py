@@ -8,6 +8,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
@@ -221,9 +222,12 @@ def test_lake_check_finds_orphans_runs_left_running_and_changed_analyses(lake: L
     store = lake.gates()
     store.append(1, store.read(1, 0, 3))  # tokens no sequence row points at
     store.create_run(9, n_layers=SPEC.n_layers, top_k=SPEC.top_k, n_experts=SPEC.n_experts)
-    with lake.transaction() as con:
+
+    def change(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("update grades set correct = not correct where seq_id = 1")
         con.execute("update runs set status = 'running'")
+
+    lake.write(change)
     code, rows = check(lake)
     assert code == 1
     assert "run 9: token arrays of no run of this warehouse" in rows["orphans"][1]
@@ -231,8 +235,7 @@ def test_lake_check_finds_orphans_runs_left_running_and_changed_analyses(lake: L
     assert rows["analyses"] == ("FAIL", "analysis 1 (run 1): analyse the run again")
     with lake.writing(1):  # a run being written now is not left running
         assert "being written now: run 1" in check(lake)[1]["running"][1]
-    with lake.transaction() as con:
-        con.execute("update runs set status = 'finished'")
+    lake.write(lambda con: con.execute("update runs set status = 'finished'"))
     assert "run 1: 3 tokens past the committed ones" in check(lake)[1]["orphans"][1]
 
 
