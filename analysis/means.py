@@ -92,10 +92,10 @@ def ensure_means(lake: Lake, run_id: int) -> bool:
     info = lake.write(stale)
     if info is None:
         return False
-    lake.write(lambda con: _insert_sequence_means(lake, con, info))
+    lake.write(lambda con: _insert_sequence_means(lake, con, info), atomic=False)
 
     def finish(con: duckdb.DuckDBPyConnection) -> None:
-        con.execute("insert into lang_means select * from language_means(?)", [run_id])
+        con.execute("insert into lang_means select * from lang_means(?)", [run_id])
         con.execute(
             "insert into seq_means_builds (run_id, n_sequences, n_tokens) values (?, ?, ?)",
             [run_id, info.n_sequences, info.n_tokens],

@@ -265,10 +265,20 @@ class Lake(LakeReading):
         :func:`~xici.warehouse.db.attach_read_only`), waiting out other processes' locks like :meth:`read`."""
         return self.retrying(lambda _: attach_read_only(self.warehouse_path, alias))
 
-    def write(self, change: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        """``change(con)`` in one short transaction, waiting out other processes' locks."""
+    def write(self, change: Callable[[duckdb.DuckDBPyConnection], T], *, atomic: bool = True) -> T:
+        """``change(con)`` in one short transaction, waiting out other processes' locks.
+
+        ``atomic=False`` lets each statement commit on its own: for a long build that must not keep all of
+        its inputs alive until one commit, and that records its completion itself (the run's means).
+        """
 
         def attempt(_: int) -> T:
+            if not atomic:
+                con = self.connect()
+                try:
+                    return change(con)
+                finally:
+                    con.close()
             with self._transaction() as con:
                 return change(con)
 
