@@ -1,8 +1,8 @@
 """Sequence and language means, materialised once per run so analyses never rescan Zarr.
 
-:func:`ensure_means` runs the SQL macro ``sequence_means`` (sql/sequence_means.sql) over the run's gate
-sums (sql/gate_sums.sql), taken while its ``token_gates`` are read from Zarr, into the table ``seq_means``,
-then fills ``lang_means`` from ``language_means`` (sql/language_means.sql). ``seq_means_builds`` records
+:func:`ensure_means` runs the SQL macro ``seq_means`` (sql/seq_means.sql) over the run's gate sums
+(sql/gate_sums.sql), taken while its ``token_gates`` are read from Zarr, into the table of the same name,
+then fills ``lang_means`` from the macro ``lang_means`` (sql/lang_means.sql). ``seq_means_builds`` records
 the run's sequence and token counts at build time; the next call compares them with the run as it is now,
 and rebuilds only when the run has changed (sequences are only ever appended, so the counts tell).
 
@@ -115,7 +115,7 @@ def _insert_sequence_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: Run
         stats.on_change = lambda s: bar.update(task, completed=s.read)
         for part in scan.gate_sums():
             con.register(_SUMS_VIEW, part)
-            con.execute(f"insert into seq_means select * from sequence_means('{_SUMS_VIEW}')")
+            con.execute(f"insert into seq_means select * from seq_means('{_SUMS_VIEW}')")
             con.unregister(_SUMS_VIEW)
 
 

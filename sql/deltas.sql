@@ -4,6 +4,10 @@
 -- Dense on purpose: one row for EVERY sequence of run `run` and every (layer, expert) of the model. An
 -- expert the sequence never used has m = 0 and delta = -(language mean): zeros are values, not missing
 -- rows, and the Mann-Whitney test ranks them. Reads the materialised tables seq_means and lang_means.
+--
+-- A reference definition: the analysis builds the same matrices in numpy, a question at a time
+-- (analysis/identify.py, compute_tests), and tests/test_analysis.py keeps the two equal
+-- (test_python_deltas_are_the_sql_deltas_macro). Use this macro to look at deltas by hand.
 --     select * from deltas(1) where question_id = 'q0007' and layer = 12 and expert = 3;
 CREATE OR REPLACE MACRO deltas(run) AS TABLE
 WITH shape AS (

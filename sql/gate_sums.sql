@@ -1,12 +1,12 @@
 -- Per sequence, MoE layer and expert: the sum of the gate weights of the sequence's tokens that selected
--- the expert, and how many did. The first half of the sequence means (method.md, Eq. 1; sequence_means.sql
+-- the expert, and how many did. The first half of the sequence means (method.md, Eq. 1; seq_means.sql
 -- takes it from here).
 --
 -- `gates` names a relation shaped like xici's `token_gates` (seq_id, pos, layer, expert, weight): one row
 -- per token, MoE layer and selected expert, e.g. a Parquet export:
 --     create view my_gates as from 'gates.parquet';
 --     create view my_sums as from gate_sums('my_gates');
---     select * from sequence_means('my_sums');
+--     select * from seq_means('my_sums');
 -- Inside xici the same sums are taken in numpy while the run's gates are read from Zarr (some 40 times
 -- fewer rows reach DuckDB); a test checks that both give the same bits.
 --

@@ -1,4 +1,4 @@
--- Language means (method.md, Eq. 2): for every language of run `run`, the mean of m[s, l, e] over ALL the
+-- lang_means, the language means (method.md, Eq. 2): for every language of run `run`, the mean of m[s, l, e] over ALL the
 -- run's sequences in that language. A sequence that never used the expert has m = 0 and counts in the
 -- denominator: the sum runs over the stored (non-zero) rows, the division is by the language's sequence
 -- count. A run covers one dataset, so this is the mean "over the dataset in the same language".
@@ -7,10 +7,11 @@
 -- the sequence's tokens that selected the expert (the risk-difference localizer, method.md "Rival
 -- localizers").
 --
--- Reads the table seq_means; xici materialises this macro into the table `lang_means` (non-zero means
--- only) whenever it (re)builds a run's means.
---     select * from language_means(1) where layer = 10 order by mean desc limit 20;
-CREATE OR REPLACE MACRO language_means(run) AS TABLE
+-- Reads the table seq_means; xici materialises this macro into the table of the same name, `lang_means`
+-- (non-zero means only), whenever it (re)builds a run's means: `from lang_means` is the stored table,
+-- `from lang_means(1)` computes it.
+--     select * from lang_means(1) where layer = 10 order by mean desc limit 20;
+CREATE OR REPLACE MACRO lang_means(run) AS TABLE
 WITH sizes AS (
     SELECT lang, count(*) AS n_sequences
     FROM sequences

@@ -86,6 +86,32 @@ def test_null_data_passes_the_test_at_about_alpha(null: tuple[Lake, SyntheticLak
     assert 0.03 < share < 0.065
 
 
+def test_the_tested_layers_are_the_sql_layer_window(planted: tuple[Lake, SyntheticLake]) -> None:
+    """The columns an analysis keeps for --layers START:END are exactly the layers of the SQL macro
+    `layer_window` (the pipeline uses the numpy selection; the macro is its reference definition)."""
+    lake, synthetic = planted
+    ensure_means(lake, synthetic.run_id)
+
+    def both(con: duckdb.DuckDBPyConnection) -> list[tuple[list[int], list[int]]]:
+        info = run_info(con, synthetic.run_id)
+        tests = compute_tests(con, info, "match", "auto", 0, info.n_moe_layers)
+        found = []
+        for start, stop in (
+            WINDOW,
+            (0, info.n_moe_layers),
+            (2, 3),
+            (info.n_moe_layers - 1, info.n_moe_layers),
+        ):
+            keep = tests.columns(start, stop, np.zeros((0, 2), dtype=np.int64))
+            numpy_layers = sorted({int(c) // tests.n_experts for c in np.flatnonzero(keep)})
+            sql = con.execute("select layer from layer_window(?, ?, ?)", [synthetic.run_id, start, stop])
+            found.append((numpy_layers, [layer for (layer,) in sql.fetchall()]))
+        return found
+
+    for numpy_layers, sql_layers in lake.read(both):
+        assert numpy_layers and numpy_layers == sql_layers
+
+
 def test_python_deltas_are_the_sql_deltas_macro(planted: tuple[Lake, SyntheticLake]) -> None:
     """The dense matrices tested are exactly Eq. 2 as the SQL macro `deltas` defines it."""
     lake, synthetic = planted

@@ -135,7 +135,7 @@ def test_sequence_means_macro_on_any_gates_relation(hand_lake: tuple[Lake, int, 
         )
         rows = con.execute(
             "with sums as (from gate_sums('my_gates')) "
-            "select expert, m, seq_rank from sequence_means('sums') order by expert"
+            "select expert, m, seq_rank from seq_means('sums') order by expert"
         ).fetchall()
     assert [(e, r) for e, _, r in rows] == [(1, 2), (2, 1)]
     for _, m, _ in rows:
@@ -153,7 +153,7 @@ def test_language_means_count_zeros(hand_lake: tuple[Lake, int, dict[str, int]])
         ("de", 1, 1): 0.125, ("de", 1, 2): 0.25, ("de", 1, 3): 0.625,
     }  # fmt: skip
     with _plain(lake) as con:
-        by_macro = con.execute("select lang, layer, expert, mean from language_means(?)", [run_id]).fetchall()
+        by_macro = con.execute("select lang, layer, expert, mean from lang_means(?)", [run_id]).fetchall()
         table = con.execute(
             "select lang, layer, expert, mean from lang_means where run_id = ?", [run_id]
         ).fetchall()

@@ -151,8 +151,8 @@ def test_macros_read_token_relations_twice(recorded: Lake, tmp_path: Path) -> No
         apply_views(con)
     query = (
         "with a as (from gate_sums('token_gates')), b as (from gate_sums('token_gates')) "
-        "select count(*), count(y.seq_id) from sequence_means('a') x "
-        "left join sequence_means('b') y using (seq_id, layer, expert) where y.m = x.m"
+        "select count(*), count(y.seq_id) from seq_means('a') x "
+        "left join seq_means('b') y using (seq_id, layer, expert) where y.m = x.m"
     )
     [(n, matched)], stats = run(recorded, query)
     assert n == matched > 0 and stats.scans == 2
@@ -183,7 +183,7 @@ def test_means_have_the_macro_bits(which: str, request: pytest.FixtureRequest) -
     direct, _ = run(
         synthetic,
         "with sums as (from gate_sums('token_gates')) "
-        "select seq_id, layer, expert, m, seq_rank, n_selected from sequence_means('sums') order by all",
+        "select seq_id, layer, expert, m, seq_rank, n_selected from seq_means('sums') order by all",
     )
     assert len(built) > 100
     assert built == direct  # m > 0 everywhere, so equal floats are equal bits

@@ -11,18 +11,18 @@ CREATE TABLE seq_means_builds (
 );
 
 -- m[s, l, e] (Eq. 1): mean gate weight of expert e at MoE layer l over all tokens of sequence s.
--- Only non-zero means are stored; a missing row means m = 0. Filled from sql/sequence_means.sql.
+-- Only non-zero means are stored; a missing row means m = 0. Filled from sql/seq_means.sql.
 CREATE TABLE seq_means (
     run_id   INTEGER  NOT NULL,
     seq_id   BIGINT   NOT NULL,
     layer    SMALLINT NOT NULL,           -- MoE-layer index from 0
     expert   SMALLINT NOT NULL,
-    m        DOUBLE   NOT NULL,           -- > 0, a multiple of 2^-32 (see sequence_means.sql)
+    m        DOUBLE   NOT NULL,           -- > 0, a multiple of 2^-32 (see sql/seq_means.sql)
     seq_rank INTEGER  NOT NULL            -- rank of m among the sequence's (layer, expert) pairs, 1 = largest
 );
 
 -- Language means of m over all sequences of the run in the same language, zeros included (Eq. 2).
--- Only non-zero means are stored. Filled from sql/language_means.sql.
+-- Only non-zero means are stored. Filled from sql/lang_means.sql.
 CREATE TABLE lang_means (
     run_id INTEGER  NOT NULL,
     lang   VARCHAR  NOT NULL,

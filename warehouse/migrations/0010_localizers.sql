@@ -13,6 +13,6 @@ ALTER TABLE analysis_experts ADD COLUMN score DOUBLE;
 -- Tokens of the sequence that selected the expert (routing frequency x token count). Means built before
 -- lack it, so every run's means are rebuilt on next use (they are a pure function of the stored gates).
 ALTER TABLE seq_means ADD COLUMN n_selected INTEGER;
--- The language mean of that frequency (sql/language_means.sql), beside the mean of m.
+-- The language mean of that frequency (sql/lang_means.sql), beside the mean of m.
 ALTER TABLE lang_means ADD COLUMN frequency DOUBLE;
 DELETE FROM seq_means_builds;
