@@ -2,7 +2,7 @@
 
 An import is all or nothing. Every record is checked (language tag, non-empty question and answers, no
 (question, language) twice, question metadata that agrees) before the first write, and the three tables are
-filled inside one :meth:`~xici.warehouse.Lake.transaction`, so a refused import leaves the warehouse exactly
+filled inside one :meth:`~xici.warehouse.Lake.write`, so a refused import leaves the warehouse exactly
 as it was. Rows go in as Arrow tables, not one INSERT per row: BMLAMA-17 (115k prompts) takes seconds.
 """
 

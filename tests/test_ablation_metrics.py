@@ -162,7 +162,7 @@ def test_rates_without_a_denominator_are_none_and_pooling_sums_pairs(lake: Lake)
 
 
 def test_each_random_pool_and_the_noise_floor_are_rows_of_their_own(lake: Lake) -> None:
-    with lake.transaction() as con:
+    def change(con: duckdb.DuckDBPyConnection) -> None:
         add_ablation(con, 3, 1, 1, GRADES, condition="random")
         con.execute("update ablations set random_pool = 'window-minus-blacklist' where run_id = 3")
         add_ablation(con, 4, 1, 1, GRADES, condition="random")
@@ -170,6 +170,8 @@ def test_each_random_pool_and_the_noise_floor_are_rows_of_their_own(lake: Lake) 
         con.execute("delete from ablation_experts where run_id = 5")
         for run_id in (2, 3, 4, 5):
             store_metrics(con, run_id)
+
+    lake.write(change)
     con = lake.connect(read_only=True)
     try:
         rows = metrics_rows(con)

@@ -147,8 +147,7 @@ def test_a_relation_can_be_named_any_number_of_times(recorded: Lake) -> None:
 
 def test_macros_read_token_relations_twice(recorded: Lake, tmp_path: Path) -> None:
     """The sql/ macros take a token relation by name, also twice in one query."""
-    with recorded.transaction() as con:
-        apply_views(con)
+    recorded.write(apply_views)
     query = (
         "with a as (from gate_sums('token_gates')), b as (from gate_sums('token_gates')) "
         "select count(*), count(y.seq_id) from seq_means('a') x "
