@@ -52,7 +52,8 @@ def sql(
       token_gates(seq_id, pos, layer, expert, weight)    one row per selected expert
       token_logits(seq_id, pos, layer, expert, logit)    runs recorded with --store-logits
     `layer` counts MoE layers from 0 (runs.params ->> 'moe_layers' maps them to blocks). Filters on
-    seq_id and pos read only those tokens; anything else reads them all.
+    seq_id and pos, also on sequences joined on seq_id (question_id, lang, run_id), read only those
+    tokens; anything else reads them all.
     \b
     Only reading is possible: one SELECT (or EXPLAIN, DESCRIBE, SHOW, a describing PRAGMA); ATTACH,
     COPY, SET, INSTALL, LOAD and every statement that writes are refused. Files the query may read: the

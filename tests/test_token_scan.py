@@ -99,6 +99,64 @@ def test_filters_narrow_the_reads_and_keep_the_rows(
         assert stats.read == con.execute(f"select {tokens_read} from sequences").fetchone()[0]
 
 
+JOINED = [
+    # (query, tokens its scans read: an aggregate over sequences)
+    (
+        "select g.seq_id, layer, sum(weight) from token_gates g join sequences s using (seq_id) "
+        "where s.question_id = '{q}' group by all",
+        "sum(n_tokens) filter (question_id = '{q}')",
+    ),
+    (
+        "select count(*), sum(weight) from token_gates g, sequences s "
+        "where g.seq_id = s.seq_id and lang in ('de', 'fr') and n_generated >= 1 and layer = 0",
+        "sum(n_tokens) filter (lang in ('de', 'fr') and n_generated >= 1)",
+    ),
+    (  # tokens is restricted; token_gates, joined to tokens only, is read in full
+        "select t.seq_id, count(*) from tokens t join sequences s on s.seq_id = t.seq_id and s.lang = 'en' "
+        "join token_gates g on g.seq_id = t.seq_id and g.pos = t.pos group by 1",
+        "sum(n_tokens) filter (lang = 'en') + sum(n_tokens)",
+    ),
+    (  # a subquery in the condition is not followed
+        "select g.seq_id, layer, sum(weight) from token_gates g join sequences s using (seq_id) "
+        "where s.question_id = (select min(question_id) from sequences) group by all",
+        "sum(n_tokens)",
+    ),
+    (  # the second mention reads every sequence, so both do
+        "select count(*) from token_gates g join sequences s using (seq_id) where s.lang = 'en' "
+        "union all select count(*) from token_gates where seq_id > 0",
+        "2 * sum(n_tokens)",
+    ),
+    (  # an outer join keeps token rows without a sequence
+        "select count(*) from token_gates g left join sequences s using (seq_id) "
+        "where s.lang = 'en' or g.layer = 0",
+        "sum(n_tokens)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("query", "tokens_read"), JOINED)
+def test_filters_on_joined_sequences_narrow_the_reads(recorded: Lake, query: str, tokens_read: str) -> None:
+    """Conditions on sequences inner-joined on seq_id restrict the token scans; results stay those of a
+    plain DuckDB over full copies of the relations."""
+    with recorded.connect(read_only=True) as con:
+        [(question,)] = con.execute("select min(question_id) from sequences where lang = 'en'").fetchall()
+        query = query.format(q=question)
+        [(want_read,)] = con.execute(f"select {tokens_read.format(q=question)} from sequences").fetchall()
+        sequences = con.sql("from sequences").to_arrow_table()
+    rows, stats = run(recorded, query)
+    assert stats.read == want_read
+    plain = duckdb.connect()
+    plain.register("sequences", sequences)
+    for relation in ("tokens", "token_gates"):
+        everything = f"select * from {relation}"
+        con = query_connection(recorded, everything)
+        try:
+            plain.register(relation, con.sql(everything).to_arrow_table())
+        finally:
+            con.close()
+    assert sorted(rows) == sorted(plain.execute(query).fetchall()) and rows
+
+
 def test_counting_reads_no_array(recorded: Lake) -> None:
     """count(*) over some sequences needs their lengths only, which the warehouse holds."""
     layers, top_k = run(recorded, "select n_moe_layers, top_k from runs")[0][0]

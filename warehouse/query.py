@@ -25,6 +25,7 @@ import duckdb
 from xici.errors import XiciError
 from xici.warehouse.gates import DamagedGates, local_folder
 from xici.warehouse.lake import Lake
+from xici.warehouse.pushdown import sequence_restrictions
 from xici.warehouse.scan import TOKEN_RELATIONS, ScanStats
 
 # The warehouse's name in a query (catalog), as when the file is opened directly.
@@ -155,7 +156,8 @@ def query_connection(
     """A sandboxed read-only connection on which ``query`` can run; the caller closes it.
 
     The query is checked first (:func:`check_read_only`). The token relations it names are registered,
-    restricted to ``run_ids`` when given. Files it may read: the current folder, the gate store and
+    restricted to ``run_ids`` when given, and to the sequences its joins with ``sequences`` keep
+    (:mod:`xici.warehouse.pushdown`). Files it may read: the current folder, the gate store and
     ``allow_read`` (files or folders); the one it may write: ``out``, through :func:`copy_to`. ``stats``
     counts the tokens the scans of the token relations read from Zarr.
     """
@@ -166,12 +168,15 @@ def query_connection(
     con = lake.attached(CATALOG)
     try:
         con.execute(f"use {CATALOG}")
+        gates = local_folder(lake.gates_location)
+        _sandbox(con, [Path.cwd(), *([] if gates is None else [gates]), *allow_read], out)
         names = mentioned_relations(query)
         if names:
             _check_runs(lake, con, run_ids, names)
-            lake.register_token_relations(con, run_ids=run_ids or None, names=names, stats=stats)
-        gates = local_folder(lake.gates_location)
-        _sandbox(con, [Path.cwd(), *([] if gates is None else [gates]), *allow_read], out)
+            only = sequence_restrictions(con, query)  # in the sandbox: it runs parts of the query
+            lake.register_token_relations(
+                con, run_ids=run_ids or None, names=names, only_seq_ids=only, stats=stats
+            )
     except BaseException:
         con.close()
         raise
