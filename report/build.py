@@ -55,10 +55,23 @@ def build_report(
     """Write ``report.md``, ``report.html`` and the figures into ``out`` (default ``<lake>/report``)."""
     out = out if out is not None else lake.root / REPORT_DIR
     lake.check_output(out, folder=True)
+    _check_own_folder(out)
     with reading(lake) as con:
         choice = choose(con, run_id, analysis_id)
         blocks = document(con, lake, choice)
     return write(blocks, out)
+
+
+def _check_own_folder(out: Path) -> None:
+    """A report writes, and replaces, files of fixed names in its folder (figures an older report left are
+    removed): only a new or empty folder, or one an earlier report wrote, never someone's files."""
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.md").is_file():
+        raise XiciError(
+            f"the folder {out} holds other files and no earlier report",
+            where="--out",
+            fix="give a new or empty folder: the report writes report.md, report.html and its figures there, "
+            "replacing those of an earlier report",
+        )
 
 
 def document(con: duckdb.DuckDBPyConnection, lake: Lake, choice: Choice) -> list[Block]:

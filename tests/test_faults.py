@@ -5,19 +5,24 @@ skips, and the file-size limit (RLIMIT_FSIZE) makes DuckDB meet a real OS write 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import resource
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 import torch
 from click.testing import CliRunner, Result
 from test_recorder_support import assert_same_lake, fill, new_lake, snapshot, xici_command, xici_env
 
 from xici.cli.main import cli
+from xici.errors import machine_fault
 from xici.testbed.synthetic_lake import SyntheticSpec, write_synthetic_lake
 from xici.warehouse import Lake
 
@@ -259,3 +264,55 @@ def test_an_analysis_with_no_mixed_question_says_why(tmp_path: Path, spec: Synth
     out = xici(lake, "analyze", "--run", "1")
     assert out.exit_code == 0, out.output
     assert why in " ".join(out.output.split()), out.output
+
+
+def test_machine_faults_are_named_from_the_real_errors(tmp_path: Path) -> None:
+    """The errors machine_fault reads, raised for real by DuckDB, torch and the OS."""
+    con = duckdb.connect()
+    con.execute("set memory_limit = '2MB'")
+    con.execute("set temp_directory = ''")  # nowhere to spill: the query itself must fail
+    with pytest.raises(duckdb.Error) as duck:
+        con.execute("select list(range) from range(3000000)").fetchall()
+    with pytest.raises(RuntimeError) as allocator:
+        torch.empty(1 << 50, dtype=torch.uint8)
+    for exc in (duck.value, allocator.value, MemoryError()):
+        fault = machine_fault(exc)
+        assert fault is not None and fault.what.startswith("out of memory"), exc
+    child = (
+        "import os\nfrom xici.errors import machine_fault\nfd = os.open('f', os.O_WRONLY | os.O_CREAT)\n"
+        "try:\n    os.write(fd, b'x')\n    os.write(fd, b'x')\nexcept OSError as exc:\n"
+        "    print(machine_fault(exc).what)"
+    )
+    limited = subprocess.run(
+        [sys.executable, "-c", child],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit,
+    )
+    assert limited.stdout.strip() == "a file of the lake reached the size limit for files (File too large)"
+    wrapped = RuntimeError("a batch failed")
+    wrapped.__cause__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert machine_fault(wrapped).what == "the disk holding the lake is full (No space left on device)"
+    assert machine_fault(ValueError("no such column")) is None
+    assert machine_fault(PermissionError(errno.EACCES, "Permission denied", "/some/model")) is None
+
+
+def test_a_recording_the_os_stops_writing_leaves_no_run_and_resumes(tiny_checkpoint, tmp_path: Path) -> None:
+    """Under a file-size limit the first write of the run fails: one message, no run row, and the same
+    command without the limit records the run."""
+    lake = new_lake(tmp_path / "lake")
+    args = record_args(tiny_checkpoint("qwen3_moe"), "--limit", "1")
+    limited = subprocess.run(
+        xici_command(lake.root, *args),
+        capture_output=True,
+        text=True,
+        env=xici_env(),
+        timeout=600,
+        preexec_fn=_file_size_limit,
+    )
+    assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr
+    assert "File too large" in limited.stderr and "run the same command again" in limited.stderr
+    assert lake.read(lambda con: con.execute("select count(*) from runs").fetchone()[0]) == 0
+    again = xici(lake, *args)
+    assert again.exit_code == 0 and "Run 1: recorded 3 of 3 units." in again.output, again.output

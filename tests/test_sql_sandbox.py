@@ -182,6 +182,13 @@ def test_outputs_never_land_in_the_lake(lake: Lake, tmp_path: Path) -> None:
         report = xici(lake, "report", "--out", str(folder))
         assert report.exit_code == 1 and "inside the lake's own files" in report.output, report.output
     assert fingerprint(lake) == before
+    someones = tmp_path / "photos"
+    someones.mkdir()
+    (someones / "ablation.png").write_bytes(b"a photo")
+    report = xici(lake, "report", "--out", str(someones))
+    assert report.exit_code == 1 and "holds other files and no earlier report" in report.output
+    assert [p.name for p in someones.iterdir()] == ["ablation.png"]
+    assert (someones / "ablation.png").read_bytes() == b"a photo"
     fine = xici(lake, "sql", "select 1 as a", "--out", str(lake.root / "result.csv"))
     assert fine.exit_code == 0 and (lake.root / "result.csv").read_text() == "a\n1\n"
     (lake.root / "result.csv").unlink()
