@@ -65,6 +65,11 @@ class Lake(LakeReading):
 
     ``read_only`` lakes (what :func:`xici.open` gives by default) refuse every write with a clear error; the
     reading side (``sql``, ``routing``, tables and plots) is :class:`~xici.notebook.LakeReading`.
+
+    The warehouse is opened one way: ``lake.read(lambda con: ...)`` on a short read-only connection,
+    ``lake.write(lambda con: ...)`` in one short transaction (``lake.attached()`` for the sandboxed query
+    connection of ``xici sql``). Each waits out another process's lock on the file
+    (:class:`~xici.warehouse.db.WarehouseLocked`, raised where the connection is made).
     """
 
     def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
