@@ -2,8 +2,9 @@
 
 Per analysis (a dataset and model, through its run): questions, languages, English accuracy, average
 accuracy (the mean of the per-language accuracies), questions all correct / all incorrect / mixed (and
-without any grade), languages left out for lack of a grade, blacklisted experts, questions with experts
-identified, and the average number of experts over those questions.
+without any grade), mixed questions tested (large enough groups for ``min_group``), languages left out
+for lack of a grade, blacklisted experts, questions with experts identified, and the average number of
+experts over those questions.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ LABELS: dict[str, str] = {
     "all_correct": "all correct",
     "all_wrong": "all incorrect",
     "mixed": "mixed",
+    "tested": "mixed and tested (--min-group)",
     "ungraded": "no grade at all",
     "ungraded_languages": "(question, language) without grade",
     "blacklisted": "blacklisted experts",

@@ -1,6 +1,7 @@
 -- One row per stored analysis, like the paper's Table 1 and the top of its Table 2: per dataset and model,
 -- questions, languages, English and average accuracy, the three outcomes, blacklisted experts, questions
--- with experts identified and the average set size over those questions.
+-- with experts identified and the average set size over those questions. tested: the mixed questions with
+-- enough correct and wrong languages for the analysis' min_group (all of them at the default 1).
 --     select * from analysis_summary order by analysis_id;
 CREATE OR REPLACE VIEW analysis_summary AS
 WITH per_analysis AS (
@@ -9,6 +10,7 @@ WITH per_analysis AS (
            count(*) FILTER (WHERE outcome = 'all_correct') AS all_correct,
            count(*) FILTER (WHERE outcome = 'all_wrong') AS all_wrong,
            count(*) FILTER (WHERE outcome = 'mixed') AS mixed,
+           count(*) FILTER (WHERE n_significant IS NOT NULL) AS tested,
            count(*) FILTER (WHERE outcome = 'ungraded') AS ungraded,
            sum(n_ungraded) AS ungraded_languages,
            count(*) FILTER (WHERE n_experts > 0) AS with_experts,
@@ -24,6 +26,7 @@ SELECT a.analysis_id, a.run_id, r.dataset, r.model, a.grader,
        coalesce(q.all_correct, 0) AS all_correct,
        coalesce(q.all_wrong, 0) AS all_wrong,
        coalesce(q.mixed, 0) AS mixed,
+       coalesce(q.tested, 0) AS tested,
        coalesce(q.ungraded, 0) AS ungraded,
        coalesce(q.ungraded_languages, 0) AS ungraded_languages,
        a.n_blacklisted AS blacklisted,

@@ -341,6 +341,13 @@ def test_min_group_skips_small_questions(planted: tuple[Lake, SyntheticLake]) ->
             assert row == all_rows[qid]
     sets = _sets(lake, every.analysis_id)
     assert _sets(lake, large.analysis_id) == {q: s for q, s in sets.items() if q not in small}
+    with lake.connect(read_only=True) as con:
+        tested = con.execute(
+            "select mixed, tested from analysis_summary where analysis_id in (?, ?) order by analysis_id",
+            [every.analysis_id, large.analysis_id],
+        ).fetchall()
+    mixed = tested[0][0]
+    assert tested == [(mixed, mixed), (mixed, mixed - len(small))]
 
 
 def test_exact_test_refuses_questions_too_large_to_count(tmp_path: Path) -> None:
