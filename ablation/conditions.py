@@ -122,9 +122,9 @@ def load_analysis(con: duckdb.DuckDBPyConnection, analysis_id: int) -> Analysis:
 
 
 def xici_sets(con: duckdb.DuckDBPyConnection, analysis: Analysis) -> list[Assignment]:
-    """Each question with experts and its own set, in question_id order (pairs sorted)."""
+    """Each question with experts and its own set, in question_id order (pairs best first, by rank)."""
     rows = con.execute(
-        "select question_id, list(struct_pack(layer := layer, expert := expert) order by layer, expert) "
+        "select question_id, list(struct_pack(layer := layer, expert := expert) order by rank) "
         "from analysis_experts where analysis_id = ? group by question_id order by question_id",
         [analysis.analysis_id],
     ).fetchall()
@@ -184,6 +184,19 @@ class Deactivation:
             except XiciError as error:
                 return error
         return None
+
+
+def per_expert_sets(sets: list[Assignment], mode: str, position: int) -> list[Assignment]:
+    """For the expert ranked ``position`` (from 1) of each set that has one: ``single``, that expert alone;
+    ``all-but-one``, the set without it (sets of at least 2 only: otherwise nothing would be off)."""
+    found = []
+    for a in sets:
+        if len(a.pairs) < max(position, 2 if mode == "all-but-one" else 1):
+            continue
+        kept = a.pairs[position - 1]
+        pairs = (kept,) if mode == "single" else tuple(sorted(p for p in a.pairs if p != kept))
+        found.append(Assignment(a.question_id, a.question_id, pairs))
+    return found
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:

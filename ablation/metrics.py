@@ -132,7 +132,9 @@ def metrics_rows(
     con: duckdb.DuckDBPyConnection, analysis_ids: Sequence[int] | None = None
 ) -> list[MetricsRow]:
     """Stored metrics of finished ablation runs, by analysis, then condition (XICI first) and seed."""
-    where = "" if analysis_ids is None else "where b.analysis_id in (select unnest($ids))"
+    # Table 2 is the deactivation of whole sets; boosts and per-expert runs have tables of their own.
+    where = "where coalesce(b.mode, 'deactivate') = 'deactivate' and b.position is null"
+    where += "" if analysis_ids is None else " and b.analysis_id in (select unnest($ids))"
     counts = ", ".join("m." + c for c in _COLUMNS)
     rows = con.execute(
         f"select b.analysis_id, r.dataset, r.model, b.condition, b.random_pool, b.seed, {counts}, "

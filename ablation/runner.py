@@ -43,6 +43,7 @@ from xici.ablation.check import DeactivationCheck, check_deactivation
 from xici.ablation.conditions import (
     CONDITIONS,
     DEFAULT_BASELINES,
+    LABELS,
     NONE,
     RANDOM_POOLS,
     XICI,
@@ -55,6 +56,7 @@ from xici.ablation.conditions import (
     condition_sets,
     load_analysis,
     nothing_off,
+    per_expert_sets,
     random_pool,
     xici_sets,
 )
@@ -74,6 +76,44 @@ from xici.warehouse import Lake
 #: Bump when a change alters what an ablation run asks or stores, so old runs are not resumed as new ones.
 ABLATION_VERSION = 1
 
+#: What a call does with each question's experts (docs/method.md, "Instruments"): switch the set off
+#: together; add a constant to their router logits; switch off one expert alone, per rank in the set; switch
+#: off all but one.
+MODES: tuple[str, ...] = ("deactivate", "boost", "single", "all-but-one")
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """How an ablation call treats each question's experts, and which questions it asks.
+
+    ``mode`` is one of MODES; ``boost`` the constant added to the router logits (mode ``boost`` only);
+    ``questions`` asks only the first N questions with experts (question_id order), e.g. to keep the
+    per-expert runs small. The default is the paper's ablation.
+    """
+
+    mode: str = "deactivate"
+    boost: float | None = None
+    questions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise XiciError(f"unknown ablation mode {self.mode!r}", fix=f"use one of {', '.join(MODES)}")
+        if (self.mode == "boost") != (self.boost is not None):
+            raise XiciError("a boost needs its DELTA, and only a boost takes one", where="--boost")
+        if self.boost is not None and not (np.isfinite(self.boost) and self.boost != 0):
+            raise XiciError(f"--boost must be a finite non-zero number, got {self.boost}", where="--boost")
+        if self.questions is not None and self.questions < 1:
+            raise XiciError("--questions must be at least 1", where=f"--questions {self.questions}")
+
+    @property
+    def per_expert(self) -> bool:
+        return self.mode in ("single", "all-but-one")
+
+    def key(self) -> dict[str, Any]:
+        """What it adds to a run's key: nothing for the default, so runs made before keep their keys."""
+        given = {"mode": self.mode, "boost": self.boost, "questions": self.questions}
+        return {k: v for k, v in given.items() if v is not None and v != "deactivate"}
+
 
 @dataclass
 class ConditionResult:
@@ -89,6 +129,7 @@ class ConditionResult:
     batches: int = 0
     already_finished: bool = False
     check: DeactivationCheck | None = None
+    label: str = ""  # the condition's label, with the rank of a per-expert run
 
     @property
     def finished(self) -> bool:
@@ -130,6 +171,12 @@ class _Plan:
     run_id: int | None
     status: str | None
     assignments: list[Assignment] | None
+    position: int | None = None  # the rank in each set a per-expert run treats
+    asked: frozenset[str] | None = None  # the questions it asks; None: every question with experts
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.condition] + (f" #{self.position}" if self.position is not None else "")
 
 
 def run_ablation(
@@ -149,6 +196,7 @@ def run_ablation(
     stop_after_batches: int | None = None,
     model: str | None = None,
     allow_changed_model: bool = False,
+    instrument: Instrument = Instrument(),
 ) -> AblationResult:
     """Ablate an analysis' expert sets (and the baselines), or resume the runs of the same call.
 
@@ -161,8 +209,10 @@ def run_ablation(
     that can be refused is refused before anything is written. The model is loaded only when some run has
     work left (and closed before returning); ``ray`` loads it on Ray workers instead, which ask every
     condition's batches (:mod:`xici.recorder.ray_pool`). ``stop_after_batches`` returns after committing
-    that many batches, leaving the rest for the next call (an interruption on purpose). Returns each run's
-    progress and the analysis' stored metrics (of every seed run so far).
+    that many batches, leaving the rest for the next call (an interruption on purpose). ``instrument``:
+    boost the sets instead, or switch their experts off one at a time (one run per rank, no baselines),
+    optionally for the first N questions only. Returns each run's progress and the analysis' stored
+    metrics (of every seed run so far).
 
     The checkpoint (the recorded run's, or ``model``: where it is now, when it moved) must have the files the
     run was recorded with (:mod:`xici.recorder.fingerprint`), unless ``allow_changed_model``; which one was
@@ -172,22 +222,36 @@ def run_ablation(
         raise XiciError("--batch-size must be at least 1", where=f"--batch-size {batch_size}")
     if seed < 0:
         raise XiciError("--seed must be a non-negative integer", where=f"--seed {seed}")
-    baselines = check_baselines(baselines)
+    baselines = () if instrument.per_expert else check_baselines(baselines)
     random_pool = check_random_pool(random_pool)
-    source = _source(lake, analysis_id, grader_options, model, allow_changed_model)
+    source = _source(lake, analysis_id, grader_options, model, allow_changed_model, instrument.questions)
     backend = backend or source.spec.backend
+    if instrument.mode == "boost" and backend != "transformers":
+        raise XiciError(
+            "the boost runs on the transformers backend only for now (vLLM's per-request router edits take "
+            "masks, not an additive bias yet)",
+            where="--boost",
+            fix="add --backend transformers",
+        )
     device = placement(device, ray, backend, engine_options)
-    plans = _plans(lake, source, backend, baselines, seed, random_pool)
+    plans = _plans(lake, source, backend, baselines, seed, random_pool, instrument)
 
     result = AblationResult(analysis_id)
     pool: Pool | None = None
     with contextlib.ExitStack() as opened:
         for plan in plans:
             if plan.status == "finished":
-                n = len(source.units)
+                n = len(_units(source, plan))
                 result.runs.append(
                     ConditionResult(
-                        plan.condition, plan.seed, plan.run_id, False, n, n, already_finished=True
+                        plan.condition,
+                        plan.seed,
+                        plan.run_id,
+                        False,
+                        n,
+                        n,
+                        already_finished=True,
+                        label=plan.label,
                     )
                 )
                 continue
@@ -198,8 +262,8 @@ def run_ablation(
             if pool is None:
                 asking = _asker(source, backend, device, engine_options)
                 pool = opened.enter_context(contextlib.closing(open_pool(asking, ray, lake)))
-            params = _params(source, plan, backend, pool.metadata, device, batch_size)
-            run = _run(lake, source, plan, params, pool, batch_size, left, on_batch)
+            params = _params(source, plan, backend, pool.metadata, device, batch_size, instrument)
+            run = _run(lake, source, plan, params, pool, batch_size, left, on_batch, instrument)
             result.runs.append(run)
             if not run.finished:
                 break
@@ -215,9 +279,10 @@ def _source(
     grader_options: Mapping[str, Any] | None,
     model: str | None,
     allow_changed_model: bool,
+    questions: int | None = None,
 ) -> _Source:
     """Read and check the analysis, its recorded run, its checkpoint, grader and sets; the units of the
-    questions with experts."""
+    questions with experts (the first ``questions`` of them when given)."""
 
     def read(con: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
         analysis = load_analysis(con, analysis_id)
@@ -275,6 +340,7 @@ def _source(
         problem = deactivation.problem(assignment.pairs, f"the XICI set of question {assignment.question_id}")
         if problem is not None:
             raise problem
+    sets = sets[:questions]
     asked = {a.question_id for a in sets}
     units = [replace(u, index=i) for i, u in enumerate(u for u in recorded if u.question_id in asked)]
     return _Source(
@@ -283,9 +349,16 @@ def _source(
 
 
 def _plans(
-    lake: Lake, source: _Source, backend: str, baselines: Sequence[str], seed: int, random_pool: str
+    lake: Lake,
+    source: _Source,
+    backend: str,
+    baselines: Sequence[str],
+    seed: int,
+    random_pool: str,
+    instrument: Instrument = Instrument(),
 ) -> list[_Plan]:
-    """Every condition's run, XICI first; the sets of runs not created yet are drawn here, up front."""
+    """Every condition's run, XICI first (per-expert: one XICI run per rank); the sets of runs not created
+    yet are drawn here, up front."""
     pool: list[Pair] = []
 
     def read_pool() -> list[Pair]:
@@ -293,17 +366,29 @@ def _plans(
             pool.extend(_pool(lake, source.analysis, source.deactivation.n_experts, random_pool))
         return pool
 
+    def stored(key: str) -> tuple[int | None, str | None]:
+        row = lake.read(
+            lambda con: con.execute("select run_id, status from runs where run_key = ?", [key]).fetchone()
+        )
+        return row or (None, None)
+
     plans = []
+    if instrument.per_expert:
+        for position in range(1, max(len(a.pairs) for a in source.sets) + 1):
+            assignments = per_expert_sets(source.sets, instrument.mode, position)
+            if not assignments:
+                continue
+            key = _run_key(source, XICI, None, backend, None, instrument, position)
+            run_id, status = stored(key)
+            asked = frozenset(a.question_id for a in assignments)
+            created = assignments if run_id is None else None
+            plans.append(_Plan(XICI, None, None, key, run_id, status, created, position, asked))
+        return plans
     for condition in (c for c in CONDITIONS if c == XICI or c in baselines):
         condition_seed = None if condition in (XICI, NONE) else seed  # nothing is drawn for these
         condition_pool = random_pool if condition == "random" else None
-        key = _run_key(source, condition, condition_seed, backend, condition_pool)
-        row = lake.read(
-            lambda con, key=key: con.execute(
-                "select run_id, status from runs where run_key = ?", [key]
-            ).fetchone(),
-        )
-        run_id, status = row or (None, None)
+        key = _run_key(source, condition, condition_seed, backend, condition_pool, instrument)
+        run_id, status = stored(key)
         assignments = None
         if run_id is None:
             assignments = condition_sets(
@@ -311,6 +396,14 @@ def _plans(
             )
         plans.append(_Plan(condition, condition_seed, condition_pool, key, run_id, status, assignments))
     return plans
+
+
+def _units(source: _Source, plan: _Plan) -> list[Unit]:
+    """The units a plan asks, numbered in its own order."""
+    if plan.asked is None:
+        return source.units
+    asked = (u for u in source.units if u.question_id in plan.asked)
+    return [replace(u, index=i) for i, u in enumerate(asked)]
 
 
 def _deactivation(spec: RecordSpec, config_hash: str | None) -> Deactivation:
@@ -341,12 +434,23 @@ def _asker(source: _Source, backend: str, device: str, engine_options: Mapping[s
     return recorded.asker(device, grader_options=source.grader_options, engine_options=engine_options)
 
 
-def _run_key(source: _Source, condition: str, seed: int | None, backend: str, random_pool: str | None) -> str:
+def _run_key(
+    source: _Source,
+    condition: str,
+    seed: int | None,
+    backend: str,
+    random_pool: str | None,
+    instrument: Instrument = Instrument(),
+    position: int | None = None,
+) -> str:
     """What defines an ablation run's answers: the analysis (and so its recorded run), condition, seed,
-    backend, and the random baseline's pool."""
+    backend, the random baseline's pool, and the instrument (mode, boost, questions) and rank it runs."""
     pool = {} if random_pool is None else {"random_pool": random_pool}  # other conditions keep their keys
+    rank = {} if position is None else {"position": position}
     payload = {
         **pool,
+        **instrument.key(),
+        **rank,
         "kind": "ablation",
         "version": ABLATION_VERSION,
         "analysis_key": source.analysis.analysis_key,
@@ -359,7 +463,13 @@ def _run_key(source: _Source, condition: str, seed: int | None, backend: str, ra
 
 
 def _params(
-    source: _Source, plan: _Plan, backend: str, engine: dict[str, Any], device: str, batch_size: int
+    source: _Source,
+    plan: _Plan,
+    backend: str,
+    engine: dict[str, Any],
+    device: str,
+    batch_size: int,
+    instrument: Instrument,
 ) -> dict[str, Any]:
     """The run row's params: what defines the run, then how it was first run (device, batch size, the
     engine's settings)."""
@@ -373,6 +483,8 @@ def _params(
         "condition": plan.condition,
         "seed": plan.seed,
         "random_pool": plan.random_pool,
+        **instrument.key(),
+        "position": plan.position,
         "grader": analysis.grader,
         "grader_options": source.grader_options,
         "grader_version": source.grader_version,
@@ -388,7 +500,7 @@ def _params(
 
 
 def _start(
-    lake: Lake, source: _Source, plan: _Plan, params: dict[str, Any]
+    lake: Lake, source: _Source, plan: _Plan, params: dict[str, Any], instrument: Instrument, n_units: int
 ) -> tuple[int, bool, list[Assignment]]:
     """Create the run with its ablations row and sets (one transaction), or read the stored sets."""
     analysis, deactivation = source.analysis, source.deactivation
@@ -409,14 +521,14 @@ def _start(
             top_k=deactivation.gate.top_k,
             params=params,
             versions=library_versions(),
-            n_units=len(source.units),
+            n_units=n_units,
         )
         if not created:
             note_changes(con, run_id, source.model)
         if created:
             con.execute(
                 "insert into ablations (run_id, analysis_id, source_run_id, condition, seed, grader, "
-                "random_pool) values (?, ?, ?, ?, ?, ?, ?)",
+                "random_pool, mode, boost, position, questions) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     run_id,
                     analysis.analysis_id,
@@ -425,6 +537,10 @@ def _start(
                     plan.seed,
                     analysis.grader,
                     plan.random_pool,
+                    instrument.mode,
+                    instrument.boost,
+                    plan.position,
+                    instrument.questions,
                 ],
             )
             experts = [[run_id, a.question_id, a.source, *pair] for a in plan.assignments for pair in a.pairs]
@@ -456,23 +572,38 @@ def _run(
     batch_size: int,
     max_batches: int | None,
     on_batch: Callable[[str, BatchDone], None] | None,
+    instrument: Instrument,
 ) -> ConditionResult:
     """Ask the units not yet committed, batch by batch (at most ``max_batches``); check and finish the run
     when all are in."""
-    units, deactivation = source.units, source.deactivation
-    run_id, created, assignments = _start(lake, source, plan, params)
+    units, deactivation = _units(source, plan), source.deactivation
+    run_id, created, assignments = _start(lake, source, plan, params, instrument, len(units))
     masks = {a.question_id: deactivation.mask(a.pairs) for a in assignments}
+    if instrument.boost is not None:  # an additive bias on the set's logits instead of a mask
+        masks = {q: mask.astype(np.float32) * np.float32(instrument.boost) for q, mask in masks.items()}
     check: list[DeactivationCheck] = []
 
     def finishing() -> Callable[[duckdb.DuckDBPyConnection], None]:
-        """Check the stored routing; the check and the metrics land with the finished status."""
+        """Check the stored routing; the check and the metrics land with the finished status. A boost's
+        check is how often its experts were selected, against the recorded answers."""
         check.append(lake.retrying(lambda _: check_deactivation(lake, run_id)))
+        before = None
+        if instrument.boost is not None:
+            source_run = source.analysis.run_id
+            before = lake.retrying(lambda _: check_deactivation(lake, run_id, routing_of=source_run))
 
         def finish(con: duckdb.DuckDBPyConnection) -> None:
-            con.execute(
-                "update ablations set checked_tokens = ?, violations = ? where run_id = ?",
-                [check[0].checked_tokens, check[0].violations, run_id],
-            )
+            if before is None:
+                con.execute(
+                    "update ablations set checked_tokens = ?, violations = ? where run_id = ?",
+                    [check[0].checked_tokens, check[0].violations, run_id],
+                )
+            else:
+                con.execute(
+                    "update ablations set checked_tokens = ?, selected_before = ?, selected_after = ? "
+                    "where run_id = ?",
+                    [check[0].checked_tokens, before.selected_share, check[0].selected_share, run_id],
+                )
             store_metrics(con, run_id)
 
         return finish
@@ -504,4 +635,5 @@ def _run(
         asked=done.asked,
         batches=done.batches,
         check=check[0] if done.finished else None,
+        label=plan.label,
     )

@@ -127,11 +127,8 @@ def method_label(params: AnalysisParams | dict[str, Any]) -> str:
     the steps it dropped."""
     values = params.as_dict() if isinstance(params, AnalysisParams) else params
     label = values["method"] + (" (cap)" if values["method"] != "xici" and values["budget"] == "cap" else "")
-    dropped = [
-        name
-        for name, step in (("lang_mean", "language mean"), ("blacklist", "blacklist"))
-        if not values[name]
-    ]
+    steps = (("lang_mean", "language mean"), ("blacklist", "blacklist"))
+    dropped = [step for name, step in steps if not values[name]]
     return ", ".join([label, *(f"no {step}" for step in dropped)])
 
 

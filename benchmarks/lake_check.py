@@ -11,8 +11,6 @@
    like the gate store's, by the real writer and reader (:class:`xici.warehouse.GateStore`): appending,
    reading and verifying (``GateStore.verify``, what the lake check runs) with Zarr's crc32c codec after
    blosc against blosc alone (arrays written before checksums); interleaved repetitions, medians.
-3. What verification costs a reader: the lake's gate weights read through GateStore (verified) against
-   plain Zarr slicing.
 """
 
 from __future__ import annotations
@@ -65,30 +63,6 @@ def lake_check(root: Path) -> None:
     )
     for finding in findings:
         print(f"   {finding.check:<9} {'ok' if finding.ok else 'FAIL'}  {finding.detail}")
-
-
-def verified_reads(root: Path, rounds: int) -> None:
-    """What verifying costs a reader: the lake's gate weights read in blocks of 65,536 tokens through
-    GateStore (every chunk's existence checked, its checksum with the decoding) against Zarr slicing."""
-    store = GateStore(Lake(root).gates_location, read_only=True)
-    run_id = store.run_ids()[0]
-    n_tokens, array = store.length(run_id), store.array(run_id, "topk_weights")
-    blocks = [(start, min(start + 65_536, n_tokens)) for start in range(0, n_tokens, 65_536)]
-    times: dict[str, list[float]] = {"verified": [], "zarr": []}
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for lo, hi in blocks:
-            store.read_fields(run_id, lo, hi, ["topk_weights"])
-        times["verified"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for lo, hi in blocks:
-            array[lo:hi]
-        times["zarr"].append(time.perf_counter() - start)
-    verified, plain = (statistics.median(times[k]) for k in ("verified", "zarr"))
-    print(
-        f"3. reading topk_weights of run {run_id} ({n_tokens:,} tokens, medians of {rounds} interleaved "
-        f"rounds): {verified:.2f} s verified, {plain:.2f} s plain Zarr slicing, ratio {verified / plain:.3f}"
-    )
 
 
 def routing(n_tokens: int) -> TokenArrays:
@@ -162,7 +136,6 @@ def main() -> None:
     )
     lake_check(args.lake)
     checksum_cost(args.tokens, args.rounds)
-    verified_reads(args.lake, args.rounds)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from xici.recorder import BACKENDS
 from xici.warehouse import Lake
 
 if TYPE_CHECKING:
-    from xici.ablation.runner import AblationResult
+    from xici.ablation.runner import AblationResult, Instrument
     from xici.recorder.pool import RayOptions
 
 
@@ -116,6 +116,29 @@ def print_metrics(rows: Sequence[MetricsRow]) -> None:
     help="Where random sets are drawn from: every expert of the analysed layers (the paper's reading), or "
     "those minus the analysis' blacklisted generalists.",
 )
+@click.option(
+    "--boost",
+    type=float,
+    metavar="DELTA",
+    help="Instead of switching the experts off, add DELTA to their router logits (transformers backend); "
+    "baselines as given (random: sets of the same size boosted the same way).",
+)
+@click.option(
+    "--per-expert",
+    is_flag=True,
+    help="Switch off each expert of a set alone, one run per rank in the sets (no baselines).",
+)
+@click.option(
+    "--leave-one-out",
+    is_flag=True,
+    help="With --per-expert, also switch off all the set but one expert, per rank.",
+)
+@click.option(
+    "--questions",
+    type=int,
+    metavar="N",
+    help="Only the first N questions with experts (question_id order): a smaller, separate set of runs.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the baselines' draws.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts generated together.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -139,6 +162,10 @@ def ablate(
     analysis_id: int | None,
     baselines: tuple[str, ...],
     random_pool: str,
+    boost: float | None,
+    per_expert: bool,
+    leave_one_out: bool,
+    questions: int | None,
     seed: int,
     batch_size: int,
     device: str,
@@ -173,28 +200,51 @@ def ablate(
 
     Prints the paper's Table 2: ablation success rate (ASR: correct answers now wrong), spurious gain rate
     (SGR: wrong answers now right), their difference, and questions now wrong in every language.
+
+    \b
+    Instruments (docs/method.md, "Instruments"), each its own runs, resumable the same way:
+      --boost DELTA     the sets' router logits raised by DELTA: gain rate on the pairs wrong before, loss
+                        rate on those right before, against random sets boosted the same way, and how much
+                        more often the boosted experts were selected;
+      --per-expert      each expert alone switched off (--leave-one-out: all but it): the share of
+                        experts individually necessary for at least one language, ASR by set size.
     """
     if ctx.invoked_subcommand is not None:
         return
     if analysis_id is None:
         raise click.UsageError("give --analysis ID (or use: xici ablate show)")
+    from xici.ablation.runner import Instrument
+
+    if leave_one_out and not per_expert:
+        raise click.UsageError("--leave-one-out goes with --per-expert")
+    if per_expert and boost is not None:
+        raise click.UsageError("give --boost or --per-expert, not both")
     lake = ctx.find_object(Lake)
     grader_options = _grader_options(lake, analysis_id, judge, device, model)
-    ablate_with_progress(
-        lake,
-        analysis_id,
-        baselines=baselines,
-        random_pool=random_pool,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-        grader_options=grader_options,
-        backend=backend,
-        engine_options=engine_options,
-        ray=ray,
-        model=model,
-        allow_changed_model=allow_changed_model,
-    )
+    if per_expert:
+        modes = ["single", *(["all-but-one"] if leave_one_out else [])]
+        instruments = [Instrument(mode, questions=questions) for mode in modes]
+    elif boost is not None:
+        instruments = [Instrument("boost", boost=boost, questions=questions)]
+    else:
+        instruments = [Instrument(questions=questions)]
+    for instrument in instruments:
+        ablate_with_progress(
+            lake,
+            analysis_id,
+            baselines=baselines,
+            random_pool=random_pool,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            grader_options=grader_options,
+            backend=backend,
+            engine_options=engine_options,
+            ray=ray,
+            model=model,
+            allow_changed_model=allow_changed_model,
+            instrument=instrument,
+        )
 
 
 def ablate_with_progress(
@@ -212,13 +262,15 @@ def ablate_with_progress(
     ray: RayOptions | None = None,
     model: str | None = None,
     allow_changed_model: bool = False,
+    instrument: Instrument | None = None,
 ) -> AblationResult:
     """Run (or resume) every condition with progress bars, print Table 2, and fail loudly on a violation.
 
     Shared by ``xici ablate`` and ``xici demo``.
     """
-    from xici.ablation.runner import run_ablation
+    from xici.ablation.runner import Instrument, run_ablation
 
+    instrument = instrument or Instrument()
     with progress_bar() as bar:
         progress = BatchProgress(bar)
         result = run_ablation(
@@ -236,20 +288,32 @@ def ablate_with_progress(
             model=model,
             allow_changed_model=allow_changed_model,
             on_batch=lambda condition, done: progress(f"ablating: {label(condition)}", done),
+            instrument=instrument,
         )
     for run in result.runs:
-        name = f"{label(run.condition)}: run {run.run_id}"
+        name = f"{run.label or label(run.condition)}: run {run.run_id}"
         if run.already_finished:
             click.echo(f"{name} is already finished ({run.n_units} units); nothing to do.")
             continue
         resumed = "" if run.created else f", resumed after {run.done_before} done"
         click.echo(f"{name}: ablated {run.asked} of {run.n_units} units{resumed}.")
-        click.echo(
-            f"{name}: routing of {run.check.checked_tokens:,} tokens checked, "
-            f"{run.check.violations} selections of a deactivated expert."
-        )
-    print_metrics(result.metrics)
+        if instrument.boost is None:
+            click.echo(
+                f"{name}: routing of {run.check.checked_tokens:,} tokens checked, "
+                f"{run.check.violations} selections of a deactivated expert."
+            )
+        else:
+            click.echo(
+                f"{name}: routing of {run.check.checked_tokens:,} tokens checked, boosted experts selected "
+                f"in {run.check.selected_share:.1%} of (token, expert) pairs."
+            )
+    if instrument.mode == "deactivate":
+        print_metrics(result.metrics)
+    else:
+        print_instruments(lake, analysis_id, instrument.mode)
     broken = [row for row in result.metrics if row.violations]
+    if instrument.boost is None:
+        broken += [run for run in result.runs if run.check is not None and run.check.violations]
     if broken:
         raise XiciError(
             f"deactivated experts were selected in {len(broken)} ablation runs of analysis {analysis_id}",
@@ -258,6 +322,31 @@ def ablate_with_progress(
             "model's config; the routing of the runs is in the lake (xici sql)",
         )
     return result
+
+
+def print_instruments(lake: Lake, analysis_id: int, mode: str) -> None:
+    """The boost's or the per-expert runs' summary tables for the analysis' run (on stdout)."""
+    from xici.report import instruments
+    from xici.report.source import reading
+
+    with reading(lake) as con:
+        [(run_id,)] = con.execute(
+            "select run_id from analyses where analysis_id = ?", [analysis_id]
+        ).fetchall()
+        builders = (
+            [instruments.boost_table]
+            if mode == "boost"
+            else [instruments.necessity_table, instruments.set_size_table]
+        )
+        tables = [table for build in builders if (table := build(con, run_id)) is not None]
+    out = Console()
+    for found in tables:
+        table = Table(title=found.title, box=box.SIMPLE_HEAD, caption=found.caption, pad_edge=False)
+        for column in found.columns:
+            table.add_column(column.name, justify="left" if column.kind == "text" else "right")
+        for row in found.formatted():
+            table.add_row(*row)
+        out.print(table)
 
 
 @ablate.command()

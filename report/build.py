@@ -16,6 +16,7 @@ import duckdb
 
 from xici import __version__
 from xici.errors import XiciError
+from xici.report import instruments
 from xici.report.figures import (
     FIGURE_NAMES,
     Figure,
@@ -111,7 +112,21 @@ def document(con: duckdb.DuckDBPyConnection, lake: Lake, choice: Choice) -> list
         )
     elif not ablation.rows:
         blocks.append(Text("No ablation yet: it needs an analysis first."))
+    blocks += _instruments(con, run.run_id)
     return blocks
+
+
+def _instruments(con: duckdb.DuckDBPyConnection, run_id: int) -> list[Block]:
+    """Rival localizers, boost, per-expert necessity, paraphrases: where the lake has them."""
+    parts = [
+        instruments.localizers_table(con, run_id),
+        instruments.localizers_figure(con, run_id),
+        instruments.boost_table(con, run_id),
+        instruments.necessity_table(con, run_id),
+        instruments.set_size_table(con, run_id),
+    ]
+    found = [part for part in parts if part is not None]
+    return [Heading(2, "Instruments"), *found] if found else []
 
 
 def _header(lake: Lake, choice: Choice) -> list[Block]:

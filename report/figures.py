@@ -42,6 +42,7 @@ FIGURE_NAMES: tuple[str, ...] = (
     "experts_per_layer",
     "ablated_experts",
     "ablation",
+    "localizers",
     *(f"sweep_{name}" for name in SWEPT),
 )
 

@@ -13,6 +13,7 @@ WITH pooled AS (
            sum(b.violations) AS violations
     FROM ablations b
     JOIN ablation_metrics m USING (run_id)
+    WHERE b.mode = 'deactivate' AND b.position IS NULL
     GROUP BY b.analysis_id, b.condition
 ), rates AS (
     SELECT *,

@@ -210,7 +210,11 @@ def test_migration_keeps_ablations_and_names_the_old_random_pool(tmp_path: Path)
         (2, "xici", None, 10),
         (3, "random", "window-minus-blacklist", 10),
     ]
-    con.execute("insert into ablations values (4, 1, 1, 'none', null, 'match', 10, 0, null)")
+    named = (
+        "insert into ablations (run_id, analysis_id, source_run_id, condition, seed, grader, checked_tokens,"
+        " violations, random_pool) values "
+    )
+    con.execute(named + "(4, 1, 1, 'none', null, 'match', 10, 0, null)")
     with pytest.raises(duckdb.ConstraintException):  # a random run must name its pool
-        con.execute("insert into ablations values (5, 1, 1, 'random', 0, 'match', 10, 0, null)")
+        con.execute(named + "(5, 1, 1, 'random', 0, 'match', 10, 0, null)")
     con.close()

@@ -20,7 +20,7 @@ import fcntl
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -155,12 +155,8 @@ class Lake(LakeReading):
         try:
             yield
         except BaseException:
-            if wrote:
-                # Read once, without waiting: a warehouse that cannot be read now keeps the setting, and the
-                # error raised is the first one.
-                with suppress(XiciError), closing(self.connect(read_only=True)) as con:
-                    if not self._runs(con):
-                        (self.root / SETTINGS_FILE).unlink(missing_ok=True)
+            if wrote and not self.read(lambda con: con.execute("select count(*) from runs").fetchone()[0]):
+                (self.root / SETTINGS_FILE).unlink(missing_ok=True)
             raise
 
     def _ensure_root(self) -> None:

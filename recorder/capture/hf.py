@@ -2,8 +2,9 @@
 
 One forward hook per router sees the router's logits for the whole flattened batch; with masks set it
 replaces the router's ``(logits, weights, ids)`` output by the registry gate applied with the mask, so the
-experts really run with the deactivated routing. Everything is tensor ops over the batch (no per-token
-Python), and it works across ``model.generate``'s prefill and cached decode steps.
+experts really run with the deactivated routing. A float "mask" is an additive bias instead (the boost
+experiment): the gate runs on the logits plus the row's bias. Everything is tensor ops over the batch (no
+per-token Python), and it works across ``model.generate``'s prefill and cached decode steps.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class RouterTap:
         self._handles = []
 
     def set_masks(self, masks: torch.Tensor | None) -> None:
-        """Deactivate experts per batch row: bool ``[B, n_moe_layers, n_experts]``, True = off; None = none.
+        """Deactivate experts per batch row: bool ``[B, n_moe_layers, n_experts]``, True = off; or boost
+        them: float32 of that shape, added to the router logits; None = nothing changed.
 
         Raises XiciError up front when a row leaves a layer too few experts to route to.
         """
@@ -72,13 +74,20 @@ class RouterTap:
             self._masks = None
             return
         shape = (self.layout.n_moe_layers, self.layout.n_experts)
-        if masks.dtype != torch.bool or masks.dim() != 3 or tuple(masks.shape[1:]) != shape:
+        if (
+            masks.dtype not in (torch.bool, torch.float32)
+            or masks.dim() != 3
+            or tuple(masks.shape[1:]) != shape
+        ):
             raise XiciError(
-                f"expert masks must be a bool tensor [batch, {shape[0]}, {shape[1]}], "
+                f"expert masks must be a bool (or float32 bias) tensor [batch, {shape[0]}, {shape[1]}], "
                 f"got {masks.dtype} {list(masks.shape)}",
                 where="RouterTap.set_masks",
                 fix="build one row per prompt of the batch, one mask per MoE layer",
             )
+        if masks.dtype == torch.float32:
+            self._masks = masks
+            return
         for layer, gate in enumerate(self._gates):
             where = f"MoE layer {layer} (block {self.layout.moe_layers[layer]})"
             gate.check_mask(masks[:, layer], where=where)
@@ -106,7 +115,10 @@ class RouterTap:
                     )
                 rows = self._masks[:, layer].to(logits.device)
                 mask = rows.repeat_interleave(logits.shape[0] // batch, dim=0)
-            ids, weights = gate(logits, mask)
+            if mask is not None and mask.dtype == torch.float32:  # a boost: the gate sees biased logits
+                ids, weights = gate(logits + mask, None)
+            else:
+                ids, weights = gate(logits, mask)
             self._record(layer, logits, ids, weights)
             if mask is None:
                 return None
