@@ -217,10 +217,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xici-means-") as scratch:
         copy = means_copy(lake, Path(scratch) / "lake")
         builds, scans = [], []
-        for i in range(args.rounds):
-            if i:
-                with copy.transaction() as con:
-                    con.execute("delete from seq_means_builds")
+        for _ in range(args.rounds):
+            copy.write(lambda con: con.execute("delete from seq_means_builds"))
             seconds, mb, _ = timed(lambda: ensure_means(copy, run_id))
             builds.append(seconds)
             scans.append(timed(xici_query(lake, QUERIES["full scan: per layer count, sum(weight)"][1]))[0])

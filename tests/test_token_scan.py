@@ -72,6 +72,7 @@ FILTERED = [
     ),
     ("token_gates", "seq_id > 2 or layer = 0", "sum(n_tokens)"),
     ("tokens", "pos < 3 and seq_id != 2", "sum(least(n_tokens, 3)) filter (seq_id != 2)"),
+    ("tokens", "pos in (0, 2)", "sum(least(n_tokens, 3))"),  # read: the span 0-2; pos 1 filtered out
     ("token_logits", "seq_id = 3 and expert in (0, 2) and logit > 0", "sum(n_tokens) filter (seq_id = 3)"),
 ]
 

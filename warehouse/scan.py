@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import duckdb
 import numpy as np
@@ -35,6 +36,8 @@ from duckdb._sources.nodes import Binary, Col, In, Lit, Node, Untranslatable
 from duckdb._sources.to_arrow import nan_may_satisfy, to_arrow
 
 from xici.warehouse.gates import DamagedGates, GateStore, sequence_positions
+
+T = TypeVar("T")
 
 TOKEN_RELATIONS = {
     "tokens": pa.schema([("seq_id", pa.int64()), ("pos", pa.int32()), ("token_id", pa.int32())]),
@@ -133,6 +136,16 @@ def run_layouts(
     return layouts
 
 
+_COMPARE = {
+    "=": np.equal,
+    "!=": np.not_equal,
+    "<": np.less,
+    "<=": np.less_equal,
+    ">": np.greater,
+    ">=": np.greater_equal,
+}
+
+
 def may_hold(node: Node, column: str, values: np.ndarray) -> np.ndarray:
     """Which of ``values`` of ``column`` some row satisfying ``node`` can have (False: surely none).
 
@@ -145,15 +158,28 @@ def may_hold(node: Node, column: str, values: np.ndarray) -> np.ndarray:
     if isinstance(node, Binary) and isinstance(node.left, Col) and isinstance(node.right, Lit):
         if node.left.parts != (column,) or not isinstance(node.right.value, int):
             return everything
-        compare = {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal}
-        compare |= {">": np.greater, ">=": np.greater_equal}
-        return compare[node.op](values, node.right.value) if node.op in compare else everything
+        return _COMPARE[node.op](values, node.right.value) if node.op in _COMPARE else everything
     if isinstance(node, In) and isinstance(node.operand, Col) and node.operand.parts == (column,):
         wanted = [v.value for v in node.values if isinstance(v, Lit)]
         if len(wanted) != len(node.values) or not all(isinstance(v, int) for v in wanted):
             return everything
         return np.isin(values, np.array(wanted, dtype=np.int64))
     return everything
+
+
+def _exact_column(node: Node) -> str | None:
+    """The one column ``node`` reads, when :func:`may_hold` follows all of it (AND, OR, comparisons and IN
+    lists of integers); None otherwise."""
+    if isinstance(node, Binary) and node.op in ("AND", "OR"):
+        left, right = _exact_column(node.left), _exact_column(node.right)
+        return left if left == right else None
+    if isinstance(node, Binary) and isinstance(node.left, Col) and isinstance(node.right, Lit):
+        exact = node.op in _COMPARE and isinstance(node.right.value, int) and len(node.left.parts) == 1
+        return node.left.parts[0] if exact else None
+    if isinstance(node, In) and isinstance(node.operand, Col) and len(node.operand.parts) == 1:
+        exact = all(isinstance(v, Lit) and isinstance(v.value, int) for v in node.values)
+        return node.operand.parts[0] if exact else None
+    return None
 
 
 class TokenScan(ArrowScanSource):
@@ -195,19 +221,32 @@ class TokenScan(ArrowScanSource):
 
     def stream(self, columns: Sequence[int] | None, filters: Sequence[Node]) -> tuple[object, bool]:
         names = self.schema.names if columns is None else [self.schema.names[i] for i in columns]
+        plans = [self._plan(layout, filters) for layout in self.layouts]
+        # Filters the plans do not enforce exactly are applied to the rows built.
+        rest = [p for p in filters if not self._enforced(p, plans)]
         condition = None
-        for predicate in filters:
+        for predicate in rest:
             term = to_arrow(predicate, self.schema)
             condition = term if condition is None else condition & term
-        # Columns built: those asked for and those the filters read.
-        needed = set(names) | {n for p in filters for n in self.schema.names if _mentions(p, n)}
-        plans = [self._plan(layout, filters) for layout in self.layouts]
+        # Columns built: those asked for and those the remaining filters read.
+        needed = set(names) | {n for p in rest for n in self.schema.names if _mentions(p, n)}
         out = pa.schema([self.schema.field(n) for n in names])
         self.stats._add(planned=sum(int(p.lengths.sum()) for p in plans), scans=1)
         batches = self._batches(plans, needed, names, condition)
         return pa.RecordBatchReader.from_batches(out, batches).__arrow_c_stream__(), True
 
     # -- planning ------------------------------------------------------------------------------------------
+
+    def _enforced(self, predicate: Node, plans: list[_Plan]) -> bool:
+        """Whether the plans keep exactly the rows ``predicate`` keeps: it reads one column, in a way
+        :func:`may_hold` follows, and the plans select whole values of that column (seq_id, layer,
+        expert of token_logits; pos where the positions kept are one span)."""
+        column = _exact_column(predicate)
+        if column == "pos":
+            return all(plan.pos_exact for plan in plans)
+        if column == "expert":
+            return self.name == "token_logits"
+        return column == "seq_id" or (column == "layer" and self.name != "tokens")
 
     def _plan(self, layout: RunLayout, filters: Sequence[Node]) -> _Plan:
         keep = np.ones(len(layout.seq_ids), dtype=bool)
@@ -244,6 +283,7 @@ class TokenScan(ArrowScanSource):
             first,
             None if layers is None else layers[layer_ok],
             None if experts is None else experts[expert_ok],
+            bool(pos_ok[first:last].all()),
         )
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -252,28 +292,39 @@ class TokenScan(ArrowScanSource):
         self, plans: list[_Plan], needed: set[str], names: list[str], condition: object
     ) -> Iterator[pa.RecordBatch]:
         fields = sorted({_SOURCES[self.name][c] for c in needed if c in _SOURCES[self.name]})
-        for plan, which, block in self._blocks(plans, fields):
+
+        def rows(plan: _Plan, which: np.ndarray, block: dict) -> list[pa.RecordBatch]:
+            batches = []
             for part in _split(plan, which, ROWS_PER_BATCH):
                 batch = self._rows(plan, part, which, block, needed)
                 if condition is not None:
                     batch = batch.filter(condition)
-                yield batch.select(names)
+                batches.append(batch.select(names))
+            return batches
 
-    def _blocks(self, plans: list[_Plan], fields: list[str]) -> Iterator[tuple[_Plan, np.ndarray, dict]]:
-        """Every read of the plans, in order, ``READ_AHEAD`` of them prepared in threads."""
+        for batches in self._prepared(plans, fields, rows):
+            yield from batches
+
+    def _prepared(
+        self, plans: list[_Plan], fields: list[str], work: Callable[[_Plan, np.ndarray, dict], T]
+    ) -> Iterator[T]:
+        """``work(plan, which, arrays)`` for every read of the plans, in order, done in ``READ_AHEAD``
+        threads ahead of the consumer (Zarr decoding and most numpy work run outside the GIL)."""
+
+        def task(plan: _Plan, which: np.ndarray) -> tuple[int, T]:
+            return int(plan.lengths[which].sum()), work(*self._read(plan, which, fields))
+
         reads = iter([(plan, which) for plan in plans for which in _reads(plan, TOKENS_PER_READ)])
         pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="xici-scan")
-        pending = deque(
-            pool.submit(self._read, *read, fields) for read in itertools.islice(reads, READ_AHEAD)
-        )
+        pending = deque(pool.submit(task, *read) for read in itertools.islice(reads, READ_AHEAD))
         try:
             while pending:
-                plan, which, block = pending.popleft().result()
+                tokens, result = pending.popleft().result()
                 following = next(reads, None)
                 if following is not None:
-                    pending.append(pool.submit(self._read, *following, fields))
-                self.stats._add(read=int(plan.lengths[which].sum()))
-                yield plan, which, block
+                    pending.append(pool.submit(task, *following))
+                self.stats._add(read=tokens)
+                yield result
         finally:  # DuckDB may stop early (LIMIT): drop the reads prepared ahead
             for future in pending:
                 future.cancel()
@@ -300,7 +351,8 @@ class TokenScan(ArrowScanSource):
                 ("n_selected", pa.int32()),
             ]
         )
-        for plan, which, block in self._blocks(plans, ["topk_ids", "topk_weights"]):
+
+        def sums(plan: _Plan, which: np.ndarray, block: dict) -> pa.RecordBatch:
             ids, weights = block["topk_ids"], block["topk_weights"]
             n_layers, n_experts = ids.shape[1], int(ids.max(initial=0)) + 1
             per_seq = n_layers * n_experts
@@ -318,7 +370,7 @@ class TokenScan(ArrowScanSource):
             groups = np.flatnonzero(counts)
             seq, rest = np.divmod(groups, per_seq)
             layer, expert = np.divmod(rest, n_experts)
-            yield pa.RecordBatch.from_arrays(
+            return pa.RecordBatch.from_arrays(
                 [
                     pa.array(plan.seq_ids[which][seq]),
                     pa.array(layer.astype(np.int16)),
@@ -328,6 +380,8 @@ class TokenScan(ArrowScanSource):
                 ],
                 schema=schema,
             )
+
+        yield from self._prepared(plans, ["topk_ids", "topk_weights"], sums)
 
     def _read(self, plan: _Plan, which: np.ndarray, fields: list[str]) -> tuple[_Plan, np.ndarray, dict]:
         """The wanted tokens of some sequences (one contiguous token span of one shard), per Zarr array."""
@@ -403,6 +457,7 @@ class _Plan:
     first_pos: int
     layers: np.ndarray | None
     experts: np.ndarray | None
+    pos_exact: bool  # the positions kept are those from first_pos on, all of them
 
 
 def _per_layer(plan: _Plan) -> int:
@@ -420,9 +475,9 @@ def _mentions(node: Node, column: str) -> bool:
 
 def _reads(plan: _Plan, tokens_per_read: int) -> Iterator[np.ndarray]:
     """The planned sequences in groups read at once: one shard, at most ``tokens_per_read`` tokens spanned
-    (one sequence at least), and no gap of a whole chunk inside (those chunks are not read)."""
+    (one sequence at least), and no chunk inside that holds none of their tokens (it is not read)."""
     order = np.lexsort((plan.starts, plan.shards))
-    gap = plan.layout.chunk_tokens
+    size = plan.layout.chunk_tokens
     i = 0
     while i < len(order):
         j = i + 1
@@ -433,7 +488,7 @@ def _reads(plan: _Plan, tokens_per_read: int) -> Iterator[np.ndarray]:
             if (
                 plan.shards[nxt] != plan.shards[first]
                 or end - plan.starts[first] > tokens_per_read
-                or plan.starts[nxt] - (plan.starts[prev] + plan.lengths[prev]) >= gap
+                or plan.starts[nxt] // size > (plan.starts[prev] + plan.lengths[prev] - 1) // size + 1
             ):
                 break
             j += 1
