@@ -251,3 +251,15 @@ def test_sql_waits_for_a_writer_holding_the_warehouse(lake: Lake) -> None:
         holder.wait(timeout=30)
     assert out.exit_code == 0, out.output
     assert waited > 0.5  # it met the lock rather than running before the writer took it
+
+
+def test_selects_that_would_change_a_setting_meet_the_locked_sandbox(lake: Lake, tmp_path: Path) -> None:
+    """Table functions are SELECTs, so the statement check lets them through: the locked configuration of
+    DuckDB's sandbox is what stops them."""
+    for query in (
+        f"select * from enable_logging(storage = 'file', storage_path = '{tmp_path / 'logs'}')",
+        "select * from enable_profiling()",
+    ):
+        out = xici(lake, "sql", query)
+        assert out.exit_code == 1 and "the configuration has been locked" in out.output, out.output
+    assert list(tmp_path.iterdir()) == []
