@@ -92,7 +92,7 @@ def ensure_means(lake: Lake, run_id: int) -> bool:
     info = lake.write(stale)
     if info is None:
         return False
-    lake.write(lambda con: _insert_sequence_means(lake, con, info), atomic=False)
+    lake.write(lambda con: _insert_seq_means(lake, con, info), atomic=False)
 
     def finish(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("insert into lang_means select * from lang_means(?)", [run_id])
@@ -105,7 +105,7 @@ def ensure_means(lake: Lake, run_id: int) -> bool:
     return True
 
 
-def _insert_sequence_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo) -> None:
+def _insert_seq_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo) -> None:
     """Fill seq_means a part at a time: the macro over the gate sums of some whole sequences
     (:meth:`TokenScan.gate_sums`), committed on its own."""
     stats = ScanStats()
