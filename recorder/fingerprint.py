@@ -1,12 +1,13 @@
 """What a run was recorded with: a fingerprint of the checkpoint's files, fast on 60 GB of weights.
 
-Every file of the checkpoint folder is named with its size and a hash (hidden files and folders, such as
-the hub's download metadata, are left out). Files up to :data:`FULL_HASH_BYTES` (config, tokenizer, chat
-template, index) are hashed whole. Larger ones (the weights) are hashed from their safetensors header
-(tensor names, dtypes, shapes and offsets) and :data:`SAMPLES` blocks of :data:`SAMPLE_BYTES` spread evenly
-over the file, first and last included: about 4 MiB read per weight file, so a 60 GB checkpoint is
-fingerprinted in seconds, and any replaced or retrained weights change it. An edit of a few values that
-falls between the samples is not seen; the sizes, names and headers always are.
+Every file of the checkpoint folder is named with its size and a hash, but those that cannot change the
+model: hidden files and folders (the hub's download metadata), documentation, licences and pictures
+(:data:`IGNORED_SUFFIXES`, :data:`IGNORED_PREFIXES`). Files up to :data:`FULL_HASH_BYTES` (config,
+tokenizer, chat template, index) are hashed whole. Larger ones (the weights) are hashed from their
+safetensors header (tensor names, dtypes, shapes and offsets) and :data:`SAMPLES` blocks of
+:data:`SAMPLE_BYTES` spread evenly over the file, first and last included: about 4 MiB read per weight
+file, so a 60 GB checkpoint is fingerprinted in seconds, and any replaced or retrained weights change it.
+An edit of a few values that falls between the samples is not seen; the sizes, names and headers always are.
 
 A hub id is fingerprinted from its snapshot in the local hub cache (the files the model is loaded from).
 Recording stores the fingerprint with the run; ablating, judging with the recorded model and resuming a
@@ -28,6 +29,9 @@ from xici.errors import XiciError
 FULL_HASH_BYTES = 64 << 20
 SAMPLES = 64
 SAMPLE_BYTES = 64 << 10
+#: Files that cannot change what the model computes: a README or licence edited or added is no new model.
+IGNORED_SUFFIXES = (".md", ".pdf", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".ipynb")
+IGNORED_PREFIXES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
 #: Bump when the way files are hashed changes (fingerprints of two versions are not compared).
 FINGERPRINT_VERSION = 1
 
@@ -55,11 +59,15 @@ def fingerprint(model: str, *, full_hash_bytes: int = FULL_HASH_BYTES) -> dict[s
     files = {}
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file() or _ignored(path):
             continue
         size = path.stat().st_size
         files[relative.as_posix()] = {"size": size, "sha256": _file_hash(path, size, full_hash_bytes)}
     return {"version": FINGERPRINT_VERSION, "files": files}
+
+
+def _ignored(path: Path) -> bool:
+    return path.suffix.lower() in IGNORED_SUFFIXES or path.name.upper().startswith(IGNORED_PREFIXES)
 
 
 def _file_hash(path: Path, size: int, full_hash_bytes: int) -> str:

@@ -93,6 +93,8 @@ def test_large_files_are_hashed_from_their_header_and_samples(tmp_path: Path) ->
     assert changes(before, after) == ["model.safetensors changed content"]
     (folder / "model.safetensors").write_bytes(data[:-4])
     (folder / "extra.json").write_text("{}")
+    (folder / "README.md").write_text("notes: no part of the model")
+    (folder / "LICENSE").write_text("no part of the model either")
     (folder / "config.json").unlink()
     assert changes(before, fingerprint(str(folder), full_hash_bytes=1024)) == [
         "config.json is missing",
