@@ -82,3 +82,38 @@ def build(out: Path, seed: int, steps: int, entities: int, languages: int, layer
     console = Console()
     console.print(table)
     console.print(f"Checkpoint: {paths.checkpoint}\nDataset: {paths.dataset}\nAccuracies: {paths.accuracies}")
+
+
+@testbed.command("paraphrases")
+@click.option(
+    "--testbed",
+    "folder",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A testbed folder written by `xici testbed build`.  [default: the one shipped with xici]",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="./paraphrases.jsonl",
+    show_default=True,
+    help="JSONL file to write (the jsonl dataset format).",
+)
+def paraphrases(folder: Path | None, out: Path) -> None:
+    """Write the same questions as same-language paraphrases: the pivot language in several templates.
+
+    \b
+    Each template is a variant tagged x-para0, x-para1, ... (x-para0 is the pivot's own wording); the
+    question ids and answers are those of the testbed's cross-lingual dataset, so a lake that records both
+    shows them side by side in `xici report` (the paper's Table 3: languages against paraphrases):
+      xici testbed paraphrases --out para.jsonl
+      xici datasets import testbed-para para.jsonl --format jsonl
+      xici record --model TESTBED --dataset testbed-para
+    """
+    from xici.testbed.train import shipped_testbed
+    from xici.testbed.world import PARAPHRASE_TEMPLATES, world_of
+
+    rows = world_of(folder or shipped_testbed().checkpoint).paraphrase_rows()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    questions = len({row["question_id"] for row in rows})
+    click.echo(f"{questions} questions x {len(PARAPHRASE_TEMPLATES)} paraphrase templates: {out}")

@@ -124,6 +124,7 @@ def _instruments(con: duckdb.DuckDBPyConnection, run_id: int) -> list[Block]:
         instruments.boost_table(con, run_id),
         instruments.necessity_table(con, run_id),
         instruments.set_size_table(con, run_id),
+        instruments.paraphrase_table(con),
     ]
     found = [part for part in parts if part is not None]
     return [Heading(2, "Instruments"), *found] if found else []

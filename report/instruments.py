@@ -26,8 +26,8 @@ def _localizer_rows(con: duckdb.DuckDBPyConnection, run_id: int) -> list[dict[st
     """The deactivation ablations of the run's analyses, one row per (analysis, condition)."""
     rows = _rows(
         con,
-        "select * from localizer_ablations where run_id = ? "
-        "order by analysis_id, list_position(['xici', 'random', 'shuffle', 'none'], condition)",
+        "select * from localizer_ablations where run_id = ? order by analysis_id, "
+        "question_limit nulls first, list_position(['xici', 'random', 'shuffle', 'none'], condition)",
         [run_id],
     )
     for row in rows:
@@ -234,3 +234,85 @@ def set_size_table(con: duckdb.DuckDBPyConnection, run_id: int) -> Table | None:
         (r["analysis_id"], r["set_size"], r["n_questions"], r["n_correct_before"], r["asr"]) for r in rows
     )
     return Table(f"ASR by set size on run {run_id}", columns, body, "Whole sets switched off (XICI's run).")
+
+
+#: Language tags of same-language paraphrase variants (``xici testbed paraphrases`` writes x-para0, ...).
+PARAPHRASE_PREFIX = "x-para"
+
+
+def paraphrase_table(con: duckdb.DuckDBPyConnection) -> Table | None:
+    """The paper's Table 3: a cross-lingual and a paraphrase recording of the same question ids by one
+    model, side by side (each run with the analysis a report picks for it, and that analysis' XICI
+    ablation). A recording is of paraphrases when every variant it asked is tagged ``x-para...``."""
+    from xici.report.source import choose
+
+    runs = con.execute(
+        "select r.run_id, r.dataset, r.model, list(distinct s.lang) as langs, "
+        "list(distinct s.question_id) as questions from runs r join sequences s using (run_id) "
+        "where r.kind = 'record' group by all order by r.run_id"
+    ).fetchall()
+    paraphrased = {
+        run_id for run_id, *_, langs, _ in runs if all(x.startswith(PARAPHRASE_PREFIX) for x in langs)
+    }
+    shown = []
+    for run_id, dataset, model, langs, questions in runs:
+        partners = [
+            other
+            for other, _, other_model, _, other_questions in runs
+            if other != run_id
+            and other_model == model
+            and (run_id in paraphrased) != (other in paraphrased)
+            and set(questions) & set(other_questions)
+        ]
+        if partners:
+            shown.append((run_id, dataset, len(langs), len(questions)))
+    if not shown:
+        return None
+    body = []
+    for run_id, dataset, n_variants, n_questions in shown:
+        analysis = choose(con, run_id).analysis
+        summary = rates = None
+        if analysis is not None:
+            summary = con.execute(
+                "select all_correct, all_wrong, mixed, with_experts, avg_experts from analysis_summary "
+                "where analysis_id = ?",
+                [analysis.analysis_id],
+            ).fetchone()
+            rates = con.execute(
+                "select n_questions, asr, sgr, rate_diff from localizer_ablations "
+                "where analysis_id = ? and condition = 'xici' order by question_limit nulls first limit 1",
+                [analysis.analysis_id],
+            ).fetchone()
+        body.append(
+            (
+                run_id,
+                dataset,
+                "paraphrases" if run_id in paraphrased else "languages",
+                n_variants,
+                n_questions,
+                *(summary or (None,) * 5),
+                *(rates or (None,) * 4),
+            )
+        )
+    columns = (
+        Column("run", "int"),
+        Column("dataset"),
+        Column("variants of a question"),
+        Column("variants", "int"),
+        Column("questions", "int"),
+        Column("all correct", "int"),
+        Column("all wrong", "int"),
+        Column("mixed", "int"),
+        Column("questions with experts", "int"),
+        Column("experts per question", "num"),
+        Column("questions ablated", "int"),
+        Column("ASR", "pct"),
+        Column("SGR", "pct"),
+        Column("rate difference", "pct"),
+    )
+    caption = (
+        "The same questions asked across languages and as paraphrases in one language (variants tagged "
+        "x-para...), each recording analysed and ablated on its own (the analysis the report picks for "
+        "it; ablation rates of XICI's sets)."
+    )
+    return Table("Table 3: languages against paraphrases", columns, tuple(body), caption)

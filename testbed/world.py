@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from tokenizers import pre_tokenizers
 
@@ -25,6 +26,18 @@ from xici.recorder.prompting import DEFAULT_SYSTEM
 #: Word orders of a question: P = the language's particle, N = the two name tokens, R = the relation word.
 #: The relation word always follows the name, so the name is known when the relation is read.
 WORD_ORDERS: tuple[tuple[str, ...], ...] = (("P", "N", "R"), ("N", "R", "P"), ("N", "P", "R"))
+
+#: Same-language paraphrases of the pivot's questions (the paper's Table 3, languages against paraphrases):
+#: templates of the pivot's own words, the first being its own order. The model learnt the other orders from
+#: other languages and a doubled or missing particle from none, so recall varies by template.
+PARAPHRASE_TEMPLATES: tuple[tuple[str, ...], ...] = (
+    ("P", "N", "R"),
+    ("N", "R", "P"),
+    ("N", "P", "R"),
+    ("P", "N", "P", "R"),
+    ("N", "R"),
+    ("P", "P", "N", "R"),
+)
 
 _CONSONANTS = "bdfghklmnprstvz"
 _VOWELS = "aeiou"
@@ -110,15 +123,15 @@ class World:
     qa_taught: list[list[list[bool]]]
     _vocabulary: list[str] = field(default_factory=list, repr=False)
 
-    def question(self, lang: int, entity: int, relation: int) -> str:
-        """The question text: words in the language's order, then a question mark."""
+    def question(self, lang: int, entity: int, relation: int, order: tuple[str, ...] | None = None) -> str:
+        """The question text: words in the language's order (or ``order``), then a question mark."""
         language = self.languages[lang]
         parts = {
             "P": [language.particle],
             "N": list(self.names[lang][entity]),
             "R": [language.relation_words[relation]],
         }
-        return " ".join(word for slot in language.order for word in parts[slot]) + " ?"
+        return " ".join(word for slot in order or language.order for word in parts[slot]) + " ?"
 
     def answer(self, entity: int, relation: int) -> str:
         """The value word that answers (entity, relation) in every language."""
@@ -158,6 +171,21 @@ class World:
             for lang, language in enumerate(self.languages)
         ]
 
+    def paraphrase_rows(self) -> list[dict]:
+        """The same questions (same ids and answers) in the pivot language only, once per paraphrase
+        template, each template a variant tagged ``x-para0``, ``x-para1``... (jsonl format)."""
+        return [
+            {
+                "question_id": self.question_id(entity, relation),
+                "lang": paraphrase_tag(index),
+                "question": self.question(0, entity, relation, template),
+                "answers": [self.answer(entity, relation)],
+            }
+            for entity in range(self.config.n_entities)
+            for relation in range(self.config.n_relations)
+            for index, template in enumerate(PARAPHRASE_TEMPLATES)
+        ]
+
     def vocabulary(self) -> list[str]:
         """Every word the world can produce, including the system prompt's, in a fixed order."""
         return list(self._vocabulary)
@@ -172,6 +200,32 @@ class World:
 def language_tag(index: int) -> str:
     """BCP-47 private-use tag of synthetic language ``index``: x-lang00, x-lang01, ..."""
     return f"x-lang{index:02d}"
+
+
+def paraphrase_tag(index: int) -> str:
+    """BCP-47 private-use tag of paraphrase template ``index``: x-para0, x-para1, ..."""
+    return f"x-para{index}"
+
+
+def world_of(folder: Path) -> World:
+    """The world a testbed folder was built from (its ``world.json``), regenerated and checked equal."""
+    path = Path(folder) / "world.json"
+    try:
+        stored = json.loads(path.read_text())
+        world = generate_world(WorldConfig(**stored["config"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise XiciError(
+            f"cannot read the testbed's world: {error}",
+            where=str(path),
+            fix="give a folder written by `xici testbed build` (or the shipped one)",
+        ) from None
+    if json.loads(world.to_json()) != stored:
+        raise XiciError(
+            "the testbed's world.json is not the world its config generates (edited, or from another xici)",
+            where=str(path),
+            fix="rebuild the testbed with `xici testbed build`",
+        )
+    return world
 
 
 def _system_words() -> list[str]:
