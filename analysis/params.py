@@ -72,7 +72,7 @@ class AnalysisParams:
     layer_start: int
     layer_stop: int
     alpha: float = 0.05
-    tau: float = DEFAULT_TAU
+    tau: float = DEFAULT_TAU  # on the scale of the gate weights: 1 per token, or as the model mixes them
     max_experts: int = 25
     blacklist_top: float = 0.01
     blacklist_share: float = 0.05
