@@ -10,40 +10,17 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from xici.ablation.conditions import BASELINES, DEFAULT_BASELINES, RANDOM_POOLS, label, parse_baselines
+from xici.ablation.conditions import BASELINES, DEFAULT_BASELINES, RANDOM_POOLS, label
 from xici.ablation.metrics import MetricsRow, metrics_rows, overall
 from xici.cli.common import allow_changed_model, engine_options, pass_lake, ray_options
-from xici.cli.grade import JudgeOptions, judge_options
+from xici.cli.grade import judge_options
 from xici.errors import XiciError
-from xici.progress import BatchProgress, progress_bar
+from xici.pipeline import DeactivationFailed
 from xici.recorder import BACKENDS
 from xici.warehouse import Lake
 
 if TYPE_CHECKING:
-    from xici.ablation.runner import AblationResult, Instrument
-    from xici.recorder.pool import RayOptions
-
-
-def _baselines(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
-    return parse_baselines(value)
-
-
-def _grader_options(
-    lake: Lake, analysis_id: int, judge: JudgeOptions, device: str, model: str | None
-) -> dict[str, Any] | None:
-    """Options of the analysis' grader: None (the runner takes the recording's) when the recording graded
-    with it and no --judge-* option is given, else built from the --judge-* options with the defaults of
-    xici grade (the recorded model judges)."""
-    row = lake.read(
-        lambda con: con.execute(
-            "select a.grader, r.model, r.params ->> 'grader' from analyses a join runs r using (run_id)"
-            " where a.analysis_id = ?",
-            [analysis_id],
-        ).fetchone()
-    )
-    if row is None or (row[0] == row[2] and judge == JudgeOptions()):
-        return None
-    return judge.for_grader(row[0], model=lambda: model or row[1], device=device)
+    from xici.ablation.runner import AblationResult
 
 
 def _rate(value: float | None) -> str:
@@ -104,7 +81,6 @@ def print_metrics(rows: Sequence[MetricsRow]) -> None:
     "--baselines",
     default=",".join(DEFAULT_BASELINES),
     show_default=True,
-    callback=_baselines,
     help=f"Baselines to run besides XICI, comma-separated, of {', '.join(BASELINES)} (none: every question "
     "asked again with nothing off, the noise floor); '' for XICI alone.",
 )
@@ -157,25 +133,7 @@ def print_metrics(rows: Sequence[MetricsRow]) -> None:
 @ray_options
 @judge_options
 @click.pass_context
-def ablate(
-    ctx: click.Context,
-    analysis_id: int | None,
-    baselines: tuple[str, ...],
-    random_pool: str,
-    boost: float | None,
-    per_expert: bool,
-    leave_one_out: bool,
-    questions: int | None,
-    seed: int,
-    batch_size: int,
-    device: str,
-    backend: str | None,
-    model: str | None,
-    allow_changed_model: bool,
-    engine_options: dict[str, Any],
-    ray: RayOptions | None,
-    judge: JudgeOptions,
-) -> None:
+def ablate(ctx: click.Context, analysis_id: int | None, **options: Any) -> None:
     """Deactivate each question's experts together and ask it again in every language of its run.
 
     Every question with experts in the analysis is asked with the recorded prompt, greedy decoding and
@@ -213,83 +171,21 @@ def ablate(
         return
     if analysis_id is None:
         raise click.UsageError("give --analysis ID (or use: xici ablate show)")
-    from xici.ablation.runner import Instrument
+    from xici.pipeline import ablate as run_ablation
 
-    if leave_one_out and not per_expert:
-        raise click.UsageError("--leave-one-out goes with --per-expert")
-    if per_expert and boost is not None:
-        raise click.UsageError("give --boost or --per-expert, not both")
     lake = ctx.find_object(Lake)
-    grader_options = _grader_options(lake, analysis_id, judge, device, model)
-    if per_expert:
-        modes = ["single", *(["all-but-one"] if leave_one_out else [])]
-        instruments = [Instrument(mode, questions=questions) for mode in modes]
-    elif boost is not None:
-        instruments = [Instrument("boost", boost=boost, questions=questions)]
-    else:
-        instruments = [Instrument(questions=questions)]
-    for instrument in instruments:
-        ablate_with_progress(
-            lake,
-            analysis_id,
-            baselines=baselines,
-            random_pool=random_pool,
-            seed=seed,
-            batch_size=batch_size,
-            device=device,
-            grader_options=grader_options,
-            backend=backend,
-            engine_options=engine_options,
-            ray=ray,
-            model=model,
-            allow_changed_model=allow_changed_model,
-            instrument=instrument,
-        )
+    try:
+        result = run_ablation(lake, analysis_id, **options)
+    except DeactivationFailed as failed:
+        print_ablation(lake, failed.result, options)
+        raise
+    print_ablation(lake, result, options)
 
 
-def ablate_with_progress(
-    lake: Lake,
-    analysis_id: int,
-    *,
-    baselines: Sequence[str],
-    seed: int,
-    random_pool: str = RANDOM_POOLS[0],
-    batch_size: int,
-    device: str,
-    grader_options: dict[str, Any] | None = None,
-    backend: str | None = None,
-    engine_options: dict[str, Any] | None = None,
-    ray: RayOptions | None = None,
-    model: str | None = None,
-    allow_changed_model: bool = False,
-    instrument: Instrument | None = None,
-) -> AblationResult:
-    """Run (or resume) every condition with progress bars, print Table 2, and fail loudly on a violation.
-
-    Shared by ``xici ablate`` and ``xici demo``.
-    """
-    from xici.ablation.runner import Instrument, run_ablation
-
-    instrument = instrument or Instrument()
-    with progress_bar() as bar:
-        progress = BatchProgress(bar)
-        result = run_ablation(
-            lake,
-            analysis_id,
-            baselines=baselines,
-            random_pool=random_pool,
-            seed=seed,
-            batch_size=batch_size,
-            device=device,
-            grader_options=grader_options,
-            backend=backend,
-            engine_options=engine_options,
-            ray=ray,
-            model=model,
-            allow_changed_model=allow_changed_model,
-            on_batch=lambda condition, done: progress(f"ablating: {label(condition)}", done),
-            instrument=instrument,
-        )
+def print_ablation(lake: Lake, result: AblationResult, options: dict[str, Any]) -> None:
+    """What each condition's run did, then Table 2 (or the instruments' tables, for --boost and
+    --per-expert). Shared by ``xici ablate`` and ``xici demo``."""
+    boost = options.get("boost")
     for run in result.runs:
         name = f"{run.label or label(run.condition)}: run {run.run_id}"
         if run.already_finished:
@@ -297,7 +193,7 @@ def ablate_with_progress(
             continue
         resumed = "" if run.created else f", resumed after {run.done_before} done"
         click.echo(f"{name}: ablated {run.asked} of {run.n_units} units{resumed}.")
-        if instrument.boost is None:
+        if boost is None:
             click.echo(
                 f"{name}: routing of {run.check.checked_tokens:,} tokens checked, "
                 f"{run.check.violations} selections of a deactivated expert."
@@ -307,21 +203,12 @@ def ablate_with_progress(
                 f"{name}: routing of {run.check.checked_tokens:,} tokens checked, boosted experts selected "
                 f"in {run.check.selected_share:.1%} of (token, expert) pairs."
             )
-    if instrument.mode == "deactivate":
-        print_metrics(result.metrics)
+    if options.get("per_expert"):
+        print_instruments(lake, result.analysis_id, "single")
+    elif boost is not None:
+        print_instruments(lake, result.analysis_id, "boost")
     else:
-        print_instruments(lake, analysis_id, instrument.mode)
-    broken = [row for row in result.metrics if row.violations]
-    if instrument.boost is None:
-        broken += [run for run in result.runs if run.check is not None and run.check.violations]
-    if broken:
-        raise XiciError(
-            f"deactivated experts were selected in {len(broken)} ablation runs of analysis {analysis_id}",
-            where="the deactivation check",
-            fix="this is a bug in xici's expert deactivation for this model: please report it with the "
-            "model's config; the routing of the runs is in the lake (xici sql)",
-        )
-    return result
+        print_metrics(result.metrics)
 
 
 def print_instruments(lake: Lake, analysis_id: int, mode: str) -> None:

@@ -9,8 +9,6 @@ from rich.console import Console
 from rich.table import Table
 
 from xici.analysis.identify import AnalysisRecord
-from xici.analysis.identify import analyze as run_analyses
-from xici.analysis.means import RunInfo, run_info, weight_per_token
 from xici.analysis.mwu import METHODS as MWU_METHODS
 from xici.analysis.params import (
     BUDGETS,
@@ -18,19 +16,14 @@ from xici.analysis.params import (
     METHODS,
     PRESETS,
     SWEEPABLE,
-    AnalysisParams,
     Preset,
     default_window,
-    expand,
-    find_preset,
     method_label,
-    parse_layers,
-    parse_sweep,
-    resolve,
 )
 from xici.analysis.summary import LABELS, summaries, summary
 from xici.cli.common import pass_lake
-from xici.errors import XiciError
+from xici.pipeline import Analyses
+from xici.pipeline import analyze as run_analyses
 from xici.warehouse import Lake
 
 
@@ -102,16 +95,7 @@ from xici.warehouse import Lake
 )
 @pass_lake
 @click.pass_context
-def analyze(
-    ctx: click.Context,
-    lake: Lake,
-    run_id: int | None,
-    preset: str,
-    layers: str | None,
-    sweep: tuple[str, ...],
-    partial: bool,
-    **given: Any,
-) -> None:
+def analyze(ctx: click.Context, lake: Lake, run_id: int | None, **options: Any) -> None:
     """Find the experts behind each question of a run, from its cross-lingual inconsistency.
 
     \b
@@ -136,31 +120,7 @@ def analyze(
         return
     if run_id is None:
         raise click.UsageError("give --run, or a subcommand (list, show)")
-    info = lake.write(lambda con: run_info(con, run_id))  # a writing connection: migrates an old warehouse
-    check_finished(info, partial)
-    chosen = find_preset(preset, info.model, info.n_moe_layers)
-    base = resolve(chosen, info.n_moe_layers, layers=parse_layers(layers) if layers else None, **given)
-    points = expand(base, parse_sweep(sweep), info.n_moe_layers) if sweep else [base]
-    Console().print(preset_line(chosen, info.model, info.n_moe_layers), highlight=False)
-    analyze_with_summary(lake, run_id, points, [SWEEPABLE[name.partition("=")[0]][0] for name in sweep])
-
-
-def check_finished(info: RunInfo, partial: bool) -> None:
-    """Refuse an unfinished run unless --partial: its language means, blacklist and question splits would be
-    those of part of the dataset, and the expert sets would go on to ablation and the report as the run's.
-    With --partial the analysis is stored for the run as it is now (its key holds the run's sequence count,
-    so it is not reused once the run grows)."""
-    if not info.unfinished:
-        return
-    state = f"run {info.run_id} is not finished: {info.n_sequences} of {info.n_units} units are recorded"
-    if not partial:
-        raise XiciError(
-            state,
-            where="--run",
-            fix="finish it by running its xici record command again (it resumes where it stopped), or pass "
-            "--partial to analyse the units recorded so far",
-        )
-    Console().print(f"Warning: {state}; analysing those only (--partial).", highlight=False)
+    print_analyses(run_analyses(lake, run_id, **options))
 
 
 def preset_line(chosen: Preset | None, model: str, n_moe_layers: int) -> str:
@@ -175,36 +135,25 @@ def preset_line(chosen: Preset | None, model: str, n_moe_layers: int) -> str:
     )
 
 
-def analyze_with_summary(
-    lake: Lake, run_id: int, points: list[AnalysisParams], swept: list[str]
-) -> list[AnalysisRecord]:
-    """Run (or reuse) the analyses of these parameter points and print their summary.
-
-    Shared by ``xici analyze`` and ``xici demo``.
+def print_analyses(result: Analyses) -> None:
+    """The defaults used and what to know, then the summary of the analysis (or one line per point of a
+    sweep), then why nothing was found where that is the case. Shared by ``xici analyze`` and ``xici demo``.
     """
-    # Idempotent (stored points are reused), so it can simply run again when another process held the lock.
-    records = lake.retrying(lambda _: run_analyses(lake, run_id, points))
     console = Console()
-    scale = lake.read(lambda con: weight_per_token(con, run_id))
-    if scale is not None and abs(scale - 1) > 0.02:  # beyond the rounding of 16-bit weights
-        console.print(
-            f"The model's gate weights sum to {scale:.3g} per token, not 1 (scaled, or not renormalised): m, "
-            'the median differences and --tau are on that scale (docs/method.md, "Weights and the scale of '
-            'tau").',
-            highlight=False,
-        )
-    rows = {row["analysis_id"]: row for row in lake.read(summaries)}
-    if len(records) == 1:
-        record = records[0]
+    console.print(preset_line(result.preset, result.model, result.n_moe_layers), highlight=False)
+    for note in result.notes:
+        console.print(note, highlight=False)
+    rows = result.summaries
+    if len(result.records) == 1:
+        record = result.records[0]
         state = "new" if record.created else "stored earlier with the same data and parameters"
-        console.print(f"Analysis {record.analysis_id} of run {run_id} ({state}).", highlight=False)
+        console.print(f"Analysis {record.analysis_id} of run {result.run_id} ({state}).", highlight=False)
         console.print(_summary_table(rows[record.analysis_id]))
     else:
-        console.print(_sweep_table(records, rows, swept))
-    for note in dict.fromkeys(why_nothing(rows[r.analysis_id]) for r in records):
+        console.print(_sweep_table(result.records, rows, result.swept))
+    for note in dict.fromkeys(why_nothing(rows[r.analysis_id]) for r in result.records):
         if note is not None:
             console.print(note, highlight=False)
-    return records
 
 
 def why_nothing(row: dict[str, Any]) -> str | None:

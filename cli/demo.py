@@ -102,13 +102,10 @@ def demo(
     """
     import torch
 
-    from xici.analysis.means import run_info
-    from xici.analysis.params import resolve
-    from xici.cli.ablate import ablate_with_progress
-    from xici.cli.analyze import analyze_with_summary, preset_line
-    from xici.cli.record import record_with_progress
-    from xici.recorder.run import RecordSpec
-    from xici.report import build_report
+    from xici import pipeline
+    from xici.cli.ablate import print_ablation
+    from xici.cli.analyze import print_analyses
+    from xici.cli.record import print_recorded
     from xici.testbed.train import TestbedPaths, shipped_testbed
 
     # The testbed model is tiny: one CPU thread is as fast as two, and two were seen to stall
@@ -126,28 +123,30 @@ def demo(
     _import_once(lake, dataset_name, paths.dataset)
 
     console.rule("2/5  record: answers, grades and routing of every token")
-    spec = RecordSpec(
-        model=str(paths.checkpoint), dataset=dataset_name, max_new_tokens=MAX_NEW_TOKENS, dtype="float32"
+    recorded = pipeline.record(
+        lake,
+        model=str(paths.checkpoint),
+        dataset=dataset_name,
+        max_new_tokens=MAX_NEW_TOKENS,
+        dtype="float32",
+        device=device,
+        batch_size=batch_size,
     )
-    run_id = record_with_progress(lake, spec, device=device, batch_size=batch_size).run_id
+    print_recorded(lake, recorded, "match")
 
     console.rule("3/5  analyse: experts per question")
-    info = lake.write(lambda con: run_info(con, run_id))
-    console.print(preset_line(None, info.model, info.n_moe_layers), highlight=False)
-    (analysis,) = analyze_with_summary(lake, run_id, [resolve(None, info.n_moe_layers)], [])
+    analyses = pipeline.analyze(lake, recorded.run_id)
+    print_analyses(analyses)
+    (analysis_id,) = analyses.analysis_ids
 
     console.rule("4/5  ablate: XICI experts, random sets, shuffled sets, nothing off")
-    result = ablate_with_progress(
-        lake,
-        analysis.analysis_id,
-        baselines=BASELINES,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
+    result = pipeline.ablate(
+        lake, analysis_id, baselines=BASELINES, seed=seed, batch_size=batch_size, device=device
     )
+    print_ablation(lake, result, {})
 
     console.rule("5/5  report")
-    files = build_report(lake, out, run_id=run_id, analysis_id=analysis.analysis_id)
+    files = pipeline.report(lake, out, run=recorded.run_id, analysis=analysis_id)
     console.print(
         Panel(
             f"{_verdict(result.metrics, seed)}\nReport: {files.html}",

@@ -11,7 +11,6 @@ import functools
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from xici.errors import XiciError
 from xici.progress import progress_bar
 from xici.recorder import DTYPES
 from xici.recorder.grading import LanguageAccuracy, RegradeProgress, regrade
+from xici.recorder.judge import JudgeOptions
 from xici.warehouse import Lake
 
 
@@ -42,44 +42,6 @@ def accuracy_table(scores: Sequence[LanguageAccuracy], *, title: str) -> Table:
         share = "-" if score.n == score.undecided else f"{score.accuracy:.1%}"
         table.add_row(score.lang, str(score.n), str(score.correct), str(score.undecided), share)
     return table
-
-
-@dataclass(frozen=True)
-class JudgeOptions:
-    """The ``--judge-*`` options as given (None: not given, the default applies)."""
-
-    model: str | None = None
-    template: Path | None = None
-    batch_size: int | None = None
-    max_new_tokens: int | None = None
-    device: str | None = None
-    dtype: str | None = None
-
-    def for_grader(
-        self, grader: str, *, model: Callable[[], str], device: str = "auto", dtype: str = "auto"
-    ) -> dict[str, Any]:
-        """Options of ``get_grader(grader, ...)``: the judge's, with the command's model, device and dtype
-        as defaults (``model`` is only called when no --judge-model is given); none for other graders."""
-        given = [name for name, value in asdict(self).items() if value is not None]
-        if grader != "judge":
-            if given:
-                names = ", ".join(f"--judge-{name.replace('_', '-')}" for name in given)
-                raise XiciError(f"{names} only apply to --grader judge", where=f"--grader {grader}")
-            return {}
-        options: dict[str, Any] = {
-            "model": self.model or model(),
-            "device": self.device or device,
-            "dtype": self.dtype or dtype,
-        }
-        if self.template is not None:
-            try:
-                options["template"] = self.template.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise XiciError(f"cannot read the judge template: {exc}", where=str(self.template)) from None
-        for name in ("batch_size", "max_new_tokens"):
-            if getattr(self, name) is not None:
-                options[name] = getattr(self, name)
-        return options
 
 
 # The --judge-* options: name -> (type, help), each a field of JudgeOptions after "judge_".

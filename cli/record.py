@@ -7,16 +7,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from xici.cli.common import allow_changed_model, engine_options, pass_lake, ray_options
-from xici.cli.grade import JudgeOptions, judge_options
-from xici.progress import BatchProgress, console, progress_bar
+from xici.cli.grade import accuracy_table, judge_options
+from xici.progress import console
 from xici.recorder import BACKENDS, DTYPES
 from xici.recorder.prompting import DEFAULT_SYSTEM
 from xici.warehouse import Lake
 from xici.warehouse.gates import GATE_DTYPES
 
 if TYPE_CHECKING:
-    from xici.recorder.pool import RayOptions
-    from xici.recorder.run import RecordResult, RecordSpec
+    from xici.recorder.run import RecordResult
 
 
 def _languages(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
@@ -75,28 +74,7 @@ def _languages(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @allow_changed_model
 @judge_options
 @pass_lake
-def record(
-    lake: Lake,
-    model: str,
-    dataset: str,
-    languages: tuple[str, ...] | None,
-    limit: int | None,
-    system: str,
-    prompt_template: str | None,
-    max_new_tokens: int,
-    batch_size: int,
-    device: str,
-    backend: str,
-    engine_options: dict[str, Any],
-    ray: RayOptions | None,
-    gates_url: str | None,
-    dtype: str,
-    gate_dtype: str,
-    store_logits: bool,
-    grader: str,
-    allow_changed_model: bool,
-    judge: JudgeOptions,
-) -> None:
+def record(lake: Lake, **options: Any) -> None:
     """Ask every question of a dataset in every language and record its routing, token by token.
 
     Greedy decoding with the model's chat template (thinking off) and the system instruction; each answer
@@ -119,73 +97,19 @@ def record(
 
     Progress is a bar on a terminal and one line per committed batch otherwise.
     """
-    from xici.recorder.run import RecordSpec
+    from xici.pipeline import record as run_record
 
-    spec = RecordSpec(
-        model=model,
-        dataset=dataset,
-        languages=languages,
-        limit=limit,
-        system=system,
-        prompt_template=prompt_template,
-        max_new_tokens=max_new_tokens,
-        dtype=dtype,
-        gate_dtype=gate_dtype,
-        store_logits=store_logits,
-        grader=grader,
-        backend=backend,
-    )
-    grader_options = judge.for_grader(grader, model=lambda: model, device=device, dtype=dtype)
-    with lake.using_gates(gates_url):
-        record_with_progress(
-            lake,
-            spec,
-            device=device,
-            batch_size=batch_size,
-            grader_options=grader_options,
-            engine_options=engine_options,
-            ray=ray,
-            allow_changed_model=allow_changed_model,
-        )
+    print_recorded(lake, run_record(lake, **options), options["grader"])
 
 
-def record_with_progress(
-    lake: Lake,
-    spec: RecordSpec,
-    *,
-    device: str,
-    batch_size: int,
-    grader_options: dict[str, Any] | None = None,
-    engine_options: dict[str, Any] | None = None,
-    ray: RayOptions | None = None,
-    allow_changed_model: bool = False,
-) -> RecordResult:
-    """Record (or resume) a run with a progress bar, then print what happened and the accuracy per language.
-
-    Shared by ``xici record`` and ``xici demo``.
-    """
-    from xici.cli.grade import accuracy_table
+def print_recorded(lake: Lake, result: RecordResult, grader: str) -> None:
+    """Say what a recording did, then its accuracy per language (``xici record`` and ``xici demo``)."""
     from xici.recorder.grading import accuracy
-    from xici.recorder.run import record as run_record
 
-    with progress_bar() as bar:
-        progress = BatchProgress(bar)
-        result = run_record(
-            lake,
-            spec,
-            device=device,
-            batch_size=batch_size,
-            on_batch=lambda done: progress("recording", done),
-            grader_options=grader_options,
-            engine_options=engine_options,
-            ray=ray,
-            allow_changed_model=allow_changed_model,
-        )
     if result.already_finished:
         click.echo(f"Run {result.run_id} is already finished ({result.n_units} units); nothing to do.")
     else:
         resumed = "" if result.created else f", resumed after {result.done_before} done"
         click.echo(f"Run {result.run_id}: recorded {result.recorded} of {result.n_units} units{resumed}.")
-    scores = lake.read(lambda con: accuracy(con, result.run_id, spec.grader))
-    console.print(accuracy_table(scores, title=f"run {result.run_id}, grader {spec.grader}"))
-    return result
+    scores = lake.read(lambda con: accuracy(con, result.run_id, grader))
+    console.print(accuracy_table(scores, title=f"run {result.run_id}, grader {grader}"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from xici.cli.common import pass_lake
-from xici.report.build import build_report
+from xici.pipeline import report as build
 from xici.warehouse import Lake
 
 
@@ -34,7 +34,7 @@ def report(lake: Lake, out: Path | None, run_id: int | None, analysis_id: int | 
     experts ablated, parameter sweeps, and the ablation against its baselines. Parts the lake cannot fill
     yet say what to run. The HTML embeds its figures, so the one file can be shared as it is.
     """
-    files = build_report(lake, out, run_id=run_id, analysis_id=analysis_id)
+    files = build(lake, out, run=run_id, analysis=analysis_id)
     click.echo(f"Report written to {files.folder}/")
     click.echo(f"  {files.html.name}  (self-contained: open it in a browser)")
     click.echo(f"  {files.markdown.name}")

@@ -8,11 +8,12 @@ as it was. Rows go in as Arrow tables, not one INSERT per row: BMLAMA-17 (115k p
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -186,19 +187,45 @@ def import_dataset(
     lake: Lake, name: str, path: Path, fmt: str, options: dict[str, Any] | None = None
 ) -> ImportSummary:
     """Read, validate and store a dataset under ``name``; nothing is written unless all of it is valid."""
+    check_name(lake, name)
+    settings = effective_options(fmt, options or {})
+    if not path.exists():
+        raise XiciError("there is no such file or folder", where=str(path), fix="check the dataset path")
+    source = Source(path)
+    data = collect(read_records(path, fmt, settings, source=source))
+    return _store(lake, name, fmt, str(path), source.sha256, settings, data)
+
+
+def import_rows(lake: Lake, name: str, rows: Iterable[Mapping[str, Any]], source: str) -> ImportSummary:
+    """Validate and store rows with the JSONL format's fields (question_id, lang, question, answers, meta)
+    under ``name``, like a JSONL file of those rows; ``source`` says where they came from. The source hash
+    is that of the rows as canonical JSON lines, so the same rows always hash alike."""
+    from xici.corpora.jsonl import record
+
+    check_name(lake, name)
+    rows = list(rows)
+    data = collect(record(row, f"{source}, row {i}") for i, row in enumerate(rows, 1))
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True, default=str).encode() + b"\n")
+    return _store(lake, name, "jsonl", source, digest.hexdigest(), {}, data)
+
+
+def check_name(lake: Lake, name: str) -> None:
+    """Refuse a dataset name that is not usable or already taken (before anything is read)."""
     if not _NAME.match(name):
         raise XiciError(
             f"{name!r} is not a usable dataset name",
             fix="use up to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
-    settings = effective_options(fmt, options or {})
     if lake.warehouse_path.exists():
         lake.read(lambda con: _refuse_taken(name, _existing_names(con), lake))
-    if not path.exists():
-        raise XiciError("there is no such file or folder", where=str(path), fix="check the dataset path")
-    source = Source(path)
-    data = collect(read_records(path, fmt, settings, source=source))
 
+
+def _store(
+    lake: Lake, name: str, fmt: str, source: str, sha256: str, settings: dict[str, Any], data: Dataset
+) -> ImportSummary:
+    """Write a validated dataset in one transaction (refused whole if the name was taken meanwhile)."""
     metas = data.questions.values()
     questions = pa.table(
         {
@@ -221,7 +248,7 @@ def import_dataset(
         _refuse_taken(name, _existing_names(con), lake)
         con.execute(
             "insert into datasets (name, format, source, source_sha256, options) values (?, ?, ?, ?, ?)",
-            [name, fmt, str(path), source.sha256, json.dumps(settings, default=str, sort_keys=True)],
+            [name, fmt, source, sha256, json.dumps(settings, default=str, sort_keys=True)],
         )
         con.register("new_questions", questions)
         con.register("new_prompts", prompts)
@@ -233,7 +260,7 @@ def import_dataset(
             con.unregister("new_prompts")
 
     lake.write(insert)
-    return ImportSummary(name, fmt, len(data.questions), len(data.languages), len(data.langs), source.sha256)
+    return ImportSummary(name, fmt, len(data.questions), len(data.languages), len(data.langs), sha256)
 
 
 # -- reading back ---------------------------------------------------------------------------------------

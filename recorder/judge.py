@@ -28,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import string
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from xici.corpora.graders import Grade, GradeItem, register_grader
 from xici.corpora.thinking import split_thinking
@@ -213,3 +214,41 @@ class JudgeGrader:
 
 
 register_grader("judge", JudgeGrader)
+
+
+@dataclass(frozen=True)
+class JudgeOptions:
+    """The judge's options as given (the ``--judge-*`` options; None: not given, the default applies)."""
+
+    model: str | None = None
+    template: Path | None = None
+    batch_size: int | None = None
+    max_new_tokens: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+    def for_grader(
+        self, grader: str, *, model: Callable[[], str], device: str = "auto", dtype: str = "auto"
+    ) -> dict[str, Any]:
+        """Options of ``get_grader(grader, ...)``: the judge's, with the command's model, device and dtype
+        as defaults (``model`` is only called when no --judge-model is given); none for other graders."""
+        given = [name for name, value in asdict(self).items() if value is not None]
+        if grader != "judge":
+            if given:
+                names = ", ".join(f"--judge-{name.replace('_', '-')}" for name in given)
+                raise XiciError(f"{names} only apply to --grader judge", where=f"--grader {grader}")
+            return {}
+        options: dict[str, Any] = {
+            "model": self.model or model(),
+            "device": self.device or device,
+            "dtype": self.dtype or dtype,
+        }
+        if self.template is not None:
+            try:
+                options["template"] = self.template.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise XiciError(f"cannot read the judge template: {exc}", where=str(self.template)) from None
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
+        return options

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -254,3 +255,106 @@ def test_routing_without_xarray_is_a_numpy_array(
         plain_array = lake.routing(seq_id=2)
     assert type(plain_array) is np.ndarray
     np.testing.assert_array_equal(plain_array, labelled)
+
+
+# -- the pipeline and datasets from Python ------------------------------------------------------------------
+
+# The row with meta first: pa.Table.from_pylist takes its columns from the first row.
+ROWS = [
+    {
+        "question_id": "q2",
+        "lang": "de",
+        "question": "Hauptstadt?",
+        "answers": ["Berlin"],
+        "meta": {"topic": "x"},
+    },
+    {"question_id": "q1", "lang": "en", "question": "Capital of France?", "answers": ["Paris"]},
+    {"question_id": "q1", "lang": "fr", "question": "Capitale de la France ?", "answers": ["Paris"]},
+]
+
+
+def test_import_records_from_dicts_pandas_and_arrow(tmp_path: Path) -> None:
+    import pandas as pd
+
+    lake = xici.open(tmp_path / "lake", read_only=False)
+    given = {"dicts": ROWS, "frame": pd.DataFrame(ROWS), "arrow": pa.Table.from_pylist(ROWS)}
+    for name, rows in given.items():
+        summary = xici.datasets.import_records(lake, name, rows)
+        assert (summary.questions, summary.languages, summary.prompts) == (2, 3, 3)
+    with xici.open(lake.root) as reading:
+        stored = reading.sql(
+            "select dataset, question_id, lang, question, answers from prompts order by all"
+        ).fetchall()
+        metas = reading.sql("select dataset, question_id, meta from questions order by all").fetchall()
+        hashes = reading.sql("select source_sha256 from datasets").fetchall()
+    by_name = {name: sorted(row[1:] for row in stored if row[0] == name) for name in given}
+    assert by_name["dicts"] == by_name["frame"] == by_name["arrow"]
+    assert ("q2", "de", "Hauptstadt?", ["Berlin"]) in by_name["dicts"]
+    assert {m[1:] for m in metas if m[0] == "frame"} == {m[1:] for m in metas if m[0] == "dicts"}
+    assert len(set(hashes)) == 1  # the same rows hash alike, whatever they came in
+
+
+def test_import_records_refuses_bad_rows_and_writes_nothing(tmp_path: Path) -> None:
+    lake = xici.open(tmp_path / "lake", read_only=False)
+    xici.datasets.import_records(lake, "good", ROWS)
+    bad = {
+        "not a valid language tag": [*ROWS, {**ROWS[1], "question_id": "q3", "lang": "english!"}],
+        "appears twice": [*ROWS, ROWS[0]],
+        "missing field 'answers'": [{k: v for k, v in ROWS[1].items() if k != "answers"}],
+        "no accepted answers": [{**ROWS[0], "answers": []}],
+        "not a dict": ["q1,en,?"],
+        "already imported": ROWS,
+    }
+    for message, rows in bad.items():
+        with pytest.raises(xici.XiciError, match=message):
+            xici.datasets.import_records(lake, "good" if message == "already imported" else "bad", rows)
+    with xici.open(lake.root) as reading:
+        assert reading.sql("select name from datasets").fetchall() == [("good",)]
+    with pytest.raises(xici.XiciError, match="opened read-only"):
+        xici.datasets.import_records(xici.open(lake.root), "other", ROWS)
+
+
+def test_the_pipeline_checks_parameters_like_the_commands(
+    testbed_lake: tuple[Path, int, int], tmp_path: Path
+) -> None:
+    root, _, analysis_id = testbed_lake
+    with pytest.raises(xici.XiciError, match="opened read-only"):
+        xici.analyze(xici.open(root), 1)
+    with pytest.raises(xici.XiciError, match="opened read-only"):
+        xici.ablate(xici.open(root), analysis_id)
+    with pytest.raises(xici.XiciError, match="no parameter taus"):
+        xici.analyze(root, 1, taus=0.1)
+    with pytest.raises(xici.XiciError, match="max-new-tokens must be at least 1"):
+        xici.record(root, model="m", dataset="testbed", max_new_tokens=0)
+    with pytest.raises(xici.XiciError, match="cannot read the baselines"):
+        xici.ablate(root, analysis_id, baselines="random,typo")
+    with pytest.raises(xici.XiciError, match="--sweep"):
+        xici.analyze(root, 1, sweep={"nothing": [1]})
+
+
+SWEEP = ["--sweep", "tau=0.001,0.01", "--sweep", "max-experts=3"]
+
+
+def test_analyze_from_python_is_the_command(testbed_lake: tuple[Path, int, int], tmp_path: Path) -> None:
+    """A sweep given as a dict stores the same analyses as the command's --sweep strings."""
+    from click.testing import CliRunner
+
+    from xici.cli.main import cli
+
+    root = tmp_path / "lake"
+    shutil.copytree(testbed_lake[0], root)
+    result = xici.analyze(root, 1, layers=(0, 4), sweep={"tau": [0.001, 0.01], "max_experts": [3]})
+    assert [(r.params.tau, r.params.max_experts, r.params.layer_start) for r in result.records] == [
+        (0.001, 3, 0),
+        (0.01, 3, 0),
+    ]
+    assert all(r.created for r in result.records) and result.swept == ["tau", "max_experts"]
+    out = CliRunner().invoke(
+        cli,
+        ["--lake", str(root), "analyze", "--run", "1", "--layers", "0:4", *SWEEP],
+    )
+    assert out.exit_code == 0, out.output
+    with xici.open(root) as lake:
+        assert lake.sql("select count(*) from analyses").fetchall() == [(3,)]  # the fixture's + these two
+    again = xici.analyze(root, 1, layers="0:4", tau=0.01, max_experts=3)
+    assert again.analysis_ids == [result.analysis_ids[1]] and not again.records[0].created

@@ -3,9 +3,15 @@
 From Python (docs/python-api.md walks through it)::
 
     import xici
+    xici.datasets.import_records("xici-lake", "mine", rows)    # or import_file(...)
+    run = xici.record("xici-lake", model="path/to/moe", dataset="mine").run_id
+    analysis = xici.analyze("xici-lake", run).analysis_ids[0]
+    xici.ablate("xici-lake", analysis)
+    xici.report("xici-lake")
     with xici.open("xici-lake") as lake:           # read-only unless read_only=False
         lake.sql("select lang, count(*) from sequences group by lang").df()
         weights = lake.routing(seq_id=1)           # tokens x MoE layers x experts
+        experts = lake.experts(analysis)           # the expert sets, an Arrow table
 
 The subpackages are the rooms of the pipeline, and data flows one way through them:
 ``corpora`` (datasets, graders) -> ``recorder`` -> ``warehouse`` (the lake: Zarr + DuckDB) -> ``sql`` views
@@ -20,10 +26,23 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
+from xici import datasets
 from xici.errors import XiciError
+from xici.pipeline import Analyses, DeactivationFailed, ablate, analyze, record, report
 from xici.warehouse import Lake
 
-__all__ = ["Lake", "XiciError", "open"]
+__all__ = [
+    "Analyses",
+    "DeactivationFailed",
+    "Lake",
+    "XiciError",
+    "ablate",
+    "analyze",
+    "datasets",
+    "open",
+    "record",
+    "report",
+]
 
 
 def open(path: str | Path = "xici-lake", *, read_only: bool = True) -> Lake:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,22 +134,7 @@ class LakeReading:
         from xici.ablation.metrics import metrics_rows
 
         rows = self.read(lambda con: metrics_rows(con, analysis_ids))
-        return pa.Table.from_pylist(
-            [
-                {
-                    "analysis_id": row.analysis_id,
-                    "dataset": row.dataset,
-                    "model": row.model,
-                    "condition": row.condition,
-                    "random_pool": row.random_pool,
-                    "seed": row.seed,
-                    **vars(row.metrics),
-                    "checked_tokens": row.checked_tokens,
-                    "violations": row.violations,
-                }
-                for row in rows
-            ]
-        )
+        return pa.Table.from_pylist([_flat(row) for row in rows])
 
     # -- routing ------------------------------------------------------------------------------------------
 
@@ -233,6 +219,20 @@ class LakeReading:
 
         rows = self.read(lambda con: _expert_map(con, analysis_id, question_id))
         return expert_map_figure(rows, f"analysis {analysis_id}, question {question_id}")
+
+
+def _flat(row: Any) -> dict[str, Any]:
+    """A Table 2 row (MetricsRow) as one flat dict: its fields, the counts and the rates they give."""
+    from xici.ablation.metrics import Metrics
+
+    flat: dict[str, Any] = {}
+    for name in (f.name for f in fields(row)):
+        value = getattr(row, name)
+        if isinstance(value, Metrics):
+            flat.update(asr=value.asr, sgr=value.sgr, rate_diff=value.rate_diff, **asdict(value))
+        else:
+            flat[name] = value
+    return flat
 
 
 def dense_gates(topk_ids: np.ndarray, topk_weights: np.ndarray, n_experts: int) -> np.ndarray:
