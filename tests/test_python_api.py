@@ -358,3 +358,17 @@ def test_analyze_from_python_is_the_command(testbed_lake: tuple[Path, int, int],
         assert lake.sql("select count(*) from analyses").fetchall() == [(3,)]  # the fixture's + these two
     again = xici.analyze(root, 1, layers="0:4", tau=0.01, max_experts=3)
     assert again.analysis_ids == [result.analysis_ids[1]] and not again.records[0].created
+
+
+def test_the_public_names_are_documented_functions() -> None:
+    import pydoc
+
+    import xici.report.build  # loading the subpackage of the same name must not replace xici.report
+    import xici.report.plots
+
+    assert xici.report is xici.pipeline.report
+    text = pydoc.render_doc(xici, renderer=pydoc.plaintext)
+    for name in ("open", "record", "analyze", "ablate", "report"):
+        assert getattr(xici, name).__doc__, name
+        assert f"\n    {name}(" in text, name
+    assert xici.datasets.import_records.__doc__ and xici.Lake.routing.__doc__ and xici.Lake.sql.__doc__

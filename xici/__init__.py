@@ -27,9 +27,13 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 from xici import datasets
+from xici import report as _report_package  # noqa: F401  (loaded first: see below)
 from xici.errors import XiciError
 from xici.pipeline import Analyses, DeactivationFailed, ablate, analyze, record, report
 from xici.warehouse import Lake
+
+# ``xici.report`` is the function; the subpackage of the same name is loaded above, before the function is
+# bound, because Python sets a package's attribute to a subpackage when it first loads it.
 
 __all__ = [
     "Analyses",
