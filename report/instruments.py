@@ -176,19 +176,20 @@ def necessity_table(con: duckdb.DuckDBPyConnection, run_id: int) -> Table | None
     one language (with all but it off, how often the answers still break)."""
     rows = _rows(
         con,
-        "select n.analysis_id, count(*) as experts, "
+        "select n.analysis_id, n.question_limit, count(*) as experts, "
         "count(*) filter (where n.n_now_wrong > 0) as necessary, "
         "sum(n.n_now_wrong) / nullif(sum(n.n_correct_before), 0) as asr_alone, "
         "sum(n.n_wrong_all_but_it) / nullif(sum(n.n_correct_before) filter "
         "(where n.n_wrong_all_but_it is not null), 0) as asr_all_but_one "
         "from expert_necessity n join analyses a using (analysis_id) where a.run_id = ? "
-        "group by n.analysis_id order by n.analysis_id",
+        "group by n.analysis_id, n.question_limit order by n.analysis_id, n.question_limit nulls first",
         [run_id],
     )
     if not rows:
         return None
     columns = (
         Column("analysis", "int"),
+        Column("first questions", "int"),
         Column("experts switched off alone", "int"),
         Column("necessary for ≥ 1 language", "int"),
         Column("share necessary", "pct"),
@@ -198,6 +199,7 @@ def necessity_table(con: duckdb.DuckDBPyConnection, run_id: int) -> Table | None
     body = tuple(
         (
             r["analysis_id"],
+            r["question_limit"],
             r["experts"],
             r["necessary"],
             r["necessary"] / r["experts"],
@@ -218,20 +220,29 @@ def set_size_table(con: duckdb.DuckDBPyConnection, run_id: int) -> Table | None:
     rows = _rows(
         con,
         "select s.* from asr_by_set_size s join analyses a using (analysis_id) where a.run_id = ? "
-        "and a.method = 'xici' order by s.analysis_id, s.set_size",
+        "and a.method = 'xici' order by s.analysis_id, s.question_limit nulls first, s.set_size",
         [run_id],
     )
     if not rows:
         return None
     columns = (
         Column("analysis", "int"),
+        Column("first questions", "int"),
         Column("set size", "int"),
         Column("questions", "int"),
         Column("correct before", "int"),
         Column("ASR", "pct"),
     )
     body = tuple(
-        (r["analysis_id"], r["set_size"], r["n_questions"], r["n_correct_before"], r["asr"]) for r in rows
+        (
+            r["analysis_id"],
+            r["question_limit"],
+            r["set_size"],
+            r["n_questions"],
+            r["n_correct_before"],
+            r["asr"],
+        )
+        for r in rows
     )
     return Table(f"ASR by set size on run {run_id}", columns, body, "Whole sets switched off (XICI's run).")
 

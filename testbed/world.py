@@ -28,8 +28,10 @@ from xici.recorder.prompting import DEFAULT_SYSTEM
 WORD_ORDERS: tuple[tuple[str, ...], ...] = (("P", "N", "R"), ("N", "R", "P"), ("N", "P", "R"))
 
 #: Same-language paraphrases of the pivot's questions (the paper's Table 3, languages against paraphrases):
-#: templates of the pivot's own words, the first being its own order. The model learnt the other orders from
-#: other languages and a doubled or missing particle from none, so recall varies by template.
+#: templates of the pivot's own words (P particle, N name, R relation word; R always after N), the first
+#: being its own order. The model learnt the other orders from other languages and a doubled or missing
+#: particle from none, so recall varies by template. As many templates as the shipped world has languages,
+#: so both recordings split a question's variants into groups of like sizes.
 PARAPHRASE_TEMPLATES: tuple[tuple[str, ...], ...] = (
     ("P", "N", "R"),
     ("N", "R", "P"),
@@ -37,6 +39,12 @@ PARAPHRASE_TEMPLATES: tuple[tuple[str, ...], ...] = (
     ("P", "N", "P", "R"),
     ("N", "R"),
     ("P", "P", "N", "R"),
+    ("N", "R", "P", "P"),
+    ("P", "N", "R", "P"),
+    ("N", "P", "R", "P"),
+    ("N", "P", "P", "R"),
+    ("P", "P", "N", "P", "R"),
+    ("P", "N", "R", "P", "P"),
 )
 
 _CONSONANTS = "bdfghklmnprstvz"
