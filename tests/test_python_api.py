@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +62,21 @@ def test_sql_streams_the_token_relations(testbed_lake: tuple[Path, int, int]) ->
     with xici.open(root) as lake:
         [(rows,)] = lake.sql("select count(*) from token_gates", runs=[run_id]).fetchall()
         assert rows == tokens * layers * top_k
+
+
+def test_relations_read_again_and_join_a_token_relation_with_itself(
+    testbed_lake: tuple[Path, int, int],
+) -> None:
+    root, run_id, _ = testbed_lake
+    with xici.open(root) as lake:
+        relation = lake.sql("select count(*) from token_gates", runs=[run_id])
+        first = relation.fetchall()
+        assert relation.fetchall() == first and relation.df().iloc[0, 0] == first[0][0]
+        pairs = lake.sql(
+            "select count(*) from token_gates a join token_gates b using (seq_id, pos, layer, expert)",
+            runs=[run_id],
+        )
+        assert pairs.fetchall() == first
 
 
 def test_sql_cannot_write_the_lake(testbed_lake: tuple[Path, int, int]) -> None:
@@ -372,3 +388,32 @@ def test_the_public_names_are_documented_functions() -> None:
         assert getattr(xici, name).__doc__, name
         assert f"\n    {name}(" in text, name
     assert xici.datasets.import_records.__doc__ and xici.Lake.routing.__doc__ and xici.Lake.sql.__doc__
+
+
+def test_a_held_relation_makes_another_process_wait_then_stop(
+    testbed_lake: tuple[Path, int, int], tmp_path: Path
+) -> None:
+    """What the docs promise: a writer elsewhere waits for the warehouse (here 2 s instead of 5 minutes),
+    then stops with the lock error; once the notebook closes the lake, the same write goes through."""
+    root = tmp_path / "lake"
+    shutil.copytree(testbed_lake[0], root)
+    writer = (
+        "import sys, xici.warehouse.lake as lake_module\n"
+        "lake_module.LOCK_WAIT_S = 2\n"
+        "from xici.errors import XiciError\n"
+        f"lake = lake_module.Lake({str(root)!r})\n"
+        "try:\n"
+        '    lake.write(lambda con: con.execute("update runs set status = status"))\n'
+        "except XiciError as exc:\n"
+        "    print(exc.message)\n"
+        "    sys.exit(3)\n"
+    )
+    lake = xici.open(root)
+    relation = lake.sql("select count(*) from runs")
+    blocked = subprocess.run([sys.executable, "-c", writer], capture_output=True, text=True, timeout=120)
+    assert blocked.returncode == 3, blocked.stderr
+    assert "lock" in blocked.stdout.lower()
+    assert relation.fetchall() == [(2,)]
+    lake.close()
+    done = subprocess.run([sys.executable, "-c", writer], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

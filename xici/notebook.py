@@ -61,7 +61,8 @@ class LakeReading:
         ablations, ...) and the views and macros of ``sql/`` are there, and the token relations the query
         names stream from the gate store: ``tokens(seq_id, pos, token_id)``, ``token_gates(seq_id, pos,
         layer, expert, weight)`` (one row per selected expert) and ``token_logits`` (runs recorded with
-        ``--store-logits``); ``runs`` restricts them to those run ids. ``params`` fill ``?`` or ``$name``
+        ``--store-logits``), any number of times in a query and each time the relation is read; ``runs``
+        restricts them to those run ids. ``params`` fill ``?`` or ``$name``
         placeholders. Use the relation as any DuckDB relation (``.df()``, ``.arrow()``, ``.pl()``,
         ``.fetchall()``, or more SQL on it); its connection stays open until :meth:`close`.
 
