@@ -114,8 +114,9 @@ def parquet_copy(lake: Lake, folder: Path) -> None:
         copy_to(con, query, out)
     finally:
         con.close()
-    with lake.connect(read_only=True) as con:
-        con.execute(f"copy (from sequences) to '{folder / 'sequences.parquet'}' (format parquet)")
+    lake.read(
+        lambda con: con.execute(f"copy (from sequences) to '{folder / 'sequences.parquet'}' (format parquet)")
+    )
     (folder / "done").write_text(f"{time.perf_counter() - start:.1f}\n")
     print(f"Parquet copy written in {time.perf_counter() - start:.0f} s")
 

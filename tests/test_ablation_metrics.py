@@ -130,12 +130,7 @@ def test_rates_without_a_denominator_are_none_and_pooling_sums_pairs(lake: Lake)
             store_metrics(con, run_id)
 
     lake.write(change)
-    con = lake.connect(read_only=True)
-    try:
-        rows = metrics_rows(con)
-        only_first = metrics_rows(con, [1])
-    finally:
-        con.close()
+    rows, only_first = lake.read(lambda con: (metrics_rows(con), metrics_rows(con, [1])))
     assert [(r.analysis_id, r.condition, r.seed, r.dataset) for r in rows] == [
         (1, "xici", None, "toy"),
         (1, "random", 0, "toy"),
@@ -172,11 +167,7 @@ def test_each_random_pool_and_the_noise_floor_are_rows_of_their_own(lake: Lake) 
             store_metrics(con, run_id)
 
     lake.write(change)
-    con = lake.connect(read_only=True)
-    try:
-        rows = metrics_rows(con)
-    finally:
-        con.close()
+    rows = lake.read(metrics_rows)
     labels = ["XICI", "random set (window)", "random set (window minus blacklist)", "nothing off"]
     assert [r.label for r in rows] == labels
     assert [r.label for r in overall(rows)] == labels  # pooled per pool, never across pools
