@@ -290,7 +290,7 @@ def paraphrase_table(con: duckdb.DuckDBPyConnection) -> Table | None:
                 [analysis.analysis_id],
             ).fetchone()
             rates = con.execute(
-                "select n_questions, asr, sgr, rate_diff from localizer_ablations "
+                "select question_limit, n_questions, asr, sgr, rate_diff from localizer_ablations "
                 "where analysis_id = ? and condition = 'xici' order by question_limit nulls first limit 1",
                 [analysis.analysis_id],
             ).fetchone()
@@ -302,7 +302,7 @@ def paraphrase_table(con: duckdb.DuckDBPyConnection) -> Table | None:
                 n_variants,
                 n_questions,
                 *(summary or (None,) * 5),
-                *(rates or (None,) * 4),
+                *(rates or (None,) * 5),
             )
         )
     columns = (
@@ -316,6 +316,7 @@ def paraphrase_table(con: duckdb.DuckDBPyConnection) -> Table | None:
         Column("mixed", "int"),
         Column("questions with experts", "int"),
         Column("experts per question", "num"),
+        Column("first questions", "int"),
         Column("questions ablated", "int"),
         Column("ASR", "pct"),
         Column("SGR", "pct"),
@@ -324,6 +325,7 @@ def paraphrase_table(con: duckdb.DuckDBPyConnection) -> Table | None:
     caption = (
         "The same questions asked across languages and as paraphrases in one language (variants tagged "
         "x-para...), each recording analysed and ablated on its own (the analysis the report picks for "
-        "it; ablation rates of XICI's sets)."
+        "it; ablation rates of XICI's sets, of all its questions with experts or, when only that was run, of "
+        "the first N: `xici ablate --questions N`)."
     )
     return Table("Table 3: languages against paraphrases", columns, tuple(body), caption)
