@@ -31,14 +31,14 @@ def test_demo_runs_the_whole_pipeline_and_is_idempotent(small_testbed: Path, tmp
     args = ["--lake", str(lake), "demo", "--testbed", str(small_testbed), "--device", "cpu"]
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 0, first.output
-    for label in ("XICI", "random set", "shuffled"):
+    for label in ("XICI", "random set", "shuffled", "nothing off"):
         assert label in first.output
     assert "XICI rate difference" in first.output
 
     con = duckdb.connect(str(lake / "warehouse.duckdb"), read_only=True)
     try:
         kinds = dict(con.execute("select kind, count(*) from runs group by kind").fetchall())
-        assert kinds == {"record": 1, "ablation": 3}
+        assert kinds == {"record": 1, "ablation": 4}  # XICI and the three baselines (none: the noise floor)
         n_prompts = SMALL_WORLD.n_entities * SMALL_WORLD.n_relations * SMALL_WORLD.n_languages
         recorded = con.execute("select count(*) from sequences where run_id = 1").fetchone()[0]
         assert recorded == n_prompts
@@ -51,7 +51,7 @@ def test_demo_runs_the_whole_pipeline_and_is_idempotent(small_testbed: Path, tmp
             "select b.condition, count(s.seq_id), any_value(b.violations), any_value(b.checked_tokens) "
             "from ablations b join sequences s on s.run_id = b.run_id group by b.condition"
         ).fetchall()
-        assert {row[0] for row in ablated} == {"xici", "random", "shuffle"}
+        assert {row[0] for row in ablated} == {"xici", "random", "shuffle", "none"}
         for _, n_sequences, violations, checked in ablated:
             assert n_sequences == with_experts * SMALL_WORLD.n_languages
             assert violations == 0 and checked > 0
@@ -67,7 +67,7 @@ def test_demo_runs_the_whole_pipeline_and_is_idempotent(small_testbed: Path, tmp
     assert "already finished" in again.output
     con = duckdb.connect(str(lake / "warehouse.duckdb"), read_only=True)
     try:
-        assert con.execute("select count(*) from runs").fetchone()[0] == 4
+        assert con.execute("select count(*) from runs").fetchone()[0] == 5
         assert con.execute("select count(*) from analyses").fetchone()[0] == 1
     finally:
         con.close()
