@@ -417,3 +417,15 @@ def test_a_held_relation_makes_another_process_wait_then_stop(
     lake.close()
     done = subprocess.run([sys.executable, "-c", writer], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_open_finds_the_lake_like_the_command(
+    testbed_lake: tuple[Path, int, int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XICI_LAKE", str(testbed_lake[0]))
+    assert xici.open().root == testbed_lake[0]
+    monkeypatch.delenv("XICI_LAKE")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(xici.XiciError, match="there is no lake here"):
+        xici.open()
+    assert xici.open(read_only=False).root == Path("xici-lake")

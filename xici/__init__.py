@@ -22,6 +22,7 @@ command, a thin layer over the functions here.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -49,15 +50,16 @@ __all__ = [
 ]
 
 
-def open(path: str | Path = "xici-lake", *, read_only: bool = True) -> Lake:
-    """Open the lake folder at ``path`` (the ``xici --lake`` folder) as a :class:`Lake`.
+def open(path: str | Path | None = None, *, read_only: bool = True) -> Lake:
+    """Open the lake folder at ``path`` (the ``xici --lake`` folder; default, as there: ``$XICI_LAKE``, else
+    ``./xici-lake``) as a :class:`Lake`.
 
     Read-only by default: queries, routing, tables and plots work, and anything that would write (recording,
     analysing, importing) is refused. ``read_only=False`` allows writing and creates the folder on first
     write. Use it in a ``with`` block, or call ``lake.close()``, so the relations ``lake.sql`` hands out
     release the warehouse file (see :mod:`xici.notebook` for what a held file means to a recording).
     """
-    lake = Lake(path, read_only=read_only)
+    lake = Lake(path if path is not None else os.environ.get("XICI_LAKE", "xici-lake"), read_only=read_only)
     if read_only and not lake.warehouse_path.exists():
         raise XiciError(
             "there is no lake here",
