@@ -158,6 +158,22 @@ def test_filters_on_joined_sequences_narrow_the_reads(recorded: Lake, query: str
     assert sorted(rows) == sorted(plain.execute(query).fetchall()) and rows
 
 
+def test_a_connection_kept_for_more_sql_is_not_narrowed(recorded: Lake) -> None:
+    """lake.sql keeps its connection for more SQL: there a join does not narrow the scans, so a later
+    query naming the relation again still sees every row."""
+    query = "select count(*) from token_gates g join sequences s using (seq_id) where s.lang = 'en'"
+    stats = ScanStats()
+    con = query_connection(recorded, query, stats=stats, runs_once=False)
+    try:
+        con.execute(query).fetchall()
+        assert stats.read == n_tokens(recorded)
+        [(rows,)] = con.execute("select count(*) from token_gates").fetchall()
+    finally:
+        con.close()
+    [(layers, top_k)] = run(recorded, "select n_moe_layers, top_k from runs")[0]
+    assert rows == n_tokens(recorded) * layers * top_k
+
+
 def test_counting_reads_no_array(recorded: Lake) -> None:
     """count(*) over some sequences needs their lengths only, which the warehouse holds."""
     layers, top_k = run(recorded, "select n_moe_layers, top_k from runs")[0][0]

@@ -152,14 +152,16 @@ def query_connection(
     out: Path | None = None,
     allow_read: Sequence[Path] = (),
     stats: ScanStats | None = None,
+    runs_once: bool = True,
 ) -> duckdb.DuckDBPyConnection:
     """A sandboxed read-only connection on which ``query`` can run; the caller closes it.
 
     The query is checked first (:func:`check_read_only`). The token relations it names are registered,
-    restricted to ``run_ids`` when given, and to the sequences its joins with ``sequences`` keep
-    (:mod:`xici.warehouse.pushdown`). Files it may read: the current folder, the gate store and
-    ``allow_read`` (files or folders); the one it may write: ``out``, through :func:`copy_to`. ``stats``
-    counts the tokens the scans of the token relations read from Zarr.
+    restricted to ``run_ids`` when given, and, when the connection runs the query and nothing else
+    (``runs_once``), to the sequences its joins with ``sequences`` keep (:mod:`xici.warehouse.pushdown`):
+    another query naming a token relation on the same connection would read it narrowed. Files it may
+    read: the current folder, the gate store and ``allow_read`` (files or folders); the one it may write:
+    ``out``, through :func:`copy_to`. ``stats`` counts the tokens the token scans read from Zarr.
     """
     check_read_only(query)
     if out is not None:
@@ -173,7 +175,8 @@ def query_connection(
         names = mentioned_relations(query)
         if names:
             _check_runs(lake, con, run_ids, names)
-            only = sequence_restrictions(con, query)  # in the sandbox: it runs parts of the query
+            # In the sandbox: this runs parts of the query.
+            only = sequence_restrictions(con, query) if runs_once else {}
             lake.register_token_relations(
                 con, run_ids=run_ids or None, names=names, only_seq_ids=only, stats=stats
             )

@@ -73,7 +73,8 @@ class LakeReading:
         from xici.warehouse.query import query_connection, query_error, statement
 
         text = statement(query)
-        con = query_connection(self, text, runs, allow_read=[Path(p) for p in allow_read])
+        # The connection stays open for more SQL, so joins with sequences do not narrow the token scans.
+        con = query_connection(self, text, runs, allow_read=[Path(p) for p in allow_read], runs_once=False)
         try:
             relation = con.sql(text, params=params)
         except duckdb.Error as exc:
