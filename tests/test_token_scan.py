@@ -11,11 +11,12 @@ import pytest
 import torch
 from test_recorder_support import new_lake
 
+from xici.analysis import means
 from xici.analysis.means import ensure_means
 from xici.recorder.run import RecordSpec, record
 from xici.sql import apply_views
 from xici.testbed.synthetic_lake import SyntheticSpec, write_synthetic_lake
-from xici.warehouse import Lake
+from xici.warehouse import Lake, scan
 from xici.warehouse.query import query_connection
 from xici.warehouse.scan import ScanStats
 
@@ -244,9 +245,14 @@ def test_sequences_far_apart_skip_the_chunks_between(synthetic: Lake) -> None:
 
 
 @pytest.mark.parametrize("which", ["synthetic", "recorded"])
-def test_means_have_the_macro_bits(which: str, request: pytest.FixtureRequest) -> None:
+def test_means_have_the_macro_bits(
+    which: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """seq_means built from numpy gate sums is bit for bit the macros over every row of token_gates, for
-    float32 weights (rounded to units of 2^-32) and float16 ones (whole units already)."""
+    float32 weights (rounded to units of 2^-32) and float16 ones (whole units already), also when the run
+    is read and inserted in many small parts."""
+    monkeypatch.setattr(means, "ROWS_PER_INSERT", 5000)
+    monkeypatch.setattr(scan, "TOKENS_PER_READ", 1000)
     synthetic = request.getfixturevalue(which)
     with synthetic.connect(read_only=True) as con:
         run_id = con.execute("select run_id from runs").fetchone()[0]
