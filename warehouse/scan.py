@@ -5,11 +5,14 @@ relation (a self-join opens it twice). Each time, DuckDB says which columns it n
 would apply; the scan then
 
 - reads only the sequences whose ``seq_id`` a filter can keep, only the tokens whose ``pos`` it can keep,
-  and only the Zarr chunks that hold them (sequences far apart are read separately, so the chunks between
-  are skipped); filters on ``layer`` (and on ``expert`` of ``token_logits``) drop the other layers' values
+  and only the Zarr chunks that hold them (a chunk between two wanted sequences that holds neither is
+  skipped); filters on ``layer`` (and on ``expert`` of ``token_logits``) drop the other layers' values
   after the read, before any row is built;
 - reads only the Zarr arrays the requested columns need (a ``count(*)`` over some sequences reads none);
-- applies every filter it accepted exactly, so DuckDB does not apply it again.
+- applies every filter it accepted exactly, so DuckDB does not apply it again (those the reads already
+  enforce, on seq_id, layer or a span of pos, are not evaluated on the rows);
+- prepares the next reads, and their Arrow rows, in threads while DuckDB consumes the current ones, so
+  memory stays at a few reads whatever the run's size.
 
 A filter on ``sequences`` (question, language, run) joined to a token relation does not reach the scan by
 itself: :func:`xici.warehouse.pushdown.sequence_restrictions` turns it into a set of seq_ids beforehand.
@@ -220,6 +223,7 @@ class TokenScan(ArrowScanSource):
         return not nan_may_satisfy(predicate, self.schema)
 
     def stream(self, columns: Sequence[int] | None, filters: Sequence[Node]) -> tuple[object, bool]:
+        """A new Arrow stream of exactly ``columns``, the ``filters`` applied (DuckDB's scan protocol)."""
         names = self.schema.names if columns is None else [self.schema.names[i] for i in columns]
         plans = [self._plan(layout, filters) for layout in self.layouts]
         # Filters the plans do not enforce exactly are applied to the rows built.
