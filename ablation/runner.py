@@ -226,13 +226,6 @@ def run_ablation(
     random_pool = check_random_pool(random_pool)
     source = _source(lake, analysis_id, grader_options, model, allow_changed_model, instrument.questions)
     backend = backend or source.spec.backend
-    if instrument.mode == "boost" and backend != "transformers":
-        raise XiciError(
-            "the boost runs on the transformers backend only for now (vLLM's per-request router edits take "
-            "masks, not an additive bias yet)",
-            where="--boost",
-            fix="add --backend transformers",
-        )
     device = placement(device, ray, backend, engine_options)
     plans = _plans(lake, source, backend, baselines, seed, random_pool, instrument)
 

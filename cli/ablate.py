@@ -96,8 +96,8 @@ def print_metrics(rows: Sequence[MetricsRow]) -> None:
     "--boost",
     type=float,
     metavar="DELTA",
-    help="Instead of switching the experts off, add DELTA to their router logits (transformers backend); "
-    "baselines as given (random: sets of the same size boosted the same way).",
+    help="Instead of switching the experts off, add DELTA to their router logits (per request, either "
+    "backend); baselines as given (random: sets of the same size boosted the same way).",
 )
 @click.option(
     "--per-expert",

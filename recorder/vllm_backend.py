@@ -359,7 +359,8 @@ def generate_with_routing(
     """Greedy-decode token-id prompts (already chat-templated) together, capturing each token's routing.
 
     ``masks``: one entry per prompt, None or bool ``[n_moe_layers, n_experts]`` (True = deactivated for
-    every token of that prompt). ``store_logits`` also returns the raw router logits. ``capture=False``
+    every token of that prompt), or float32 of that shape: a bias added to that prompt's router logits (the
+    boost experiment). ``store_logits`` also returns the raw router logits. ``capture=False``
     runs plain vLLM without hooks (routing arrays are then empty; for benchmarks). ``stop_token_ids`` stop
     generation besides the EOS ids vLLM takes from the tokenizer and generation config. Results come back
     in the prompts' order.
@@ -465,7 +466,8 @@ class VLLMGenerator:
         logits: bool = False,
     ) -> list[Generation]:
         """Greedy-decode a batch of prompts as :meth:`HFGenerator.generate` does (same arguments, same
-        results), with vLLM's continuous batching; ``masks`` bool ``[B, n_moe_layers, n_experts]``."""
+        results), with vLLM's continuous batching; ``masks`` bool ``[B, n_moe_layers, n_experts]`` (or a
+        float32 bias, the boost)."""
         rows = None if masks is None else list(masks.cpu().numpy())
         routed = generate_with_routing(
             self.engine,
@@ -501,7 +503,8 @@ def _check_lengths(engine: VLLMEngine, prompts: Sequence[Sequence[int]], max_new
 
 
 def _pack_masks(engine: VLLMEngine, masks: Sequence[np.ndarray | None] | None, n_prompts: int) -> bytes:
-    """Validate the per-prompt masks and pack them (bits) with each prompt's slot, for the worker."""
+    """Validate the per-prompt masks and pack them with each prompt's slot, for the worker: bool masks as
+    bits, float32 ones (a bias added to the router logits: the boost) as they are."""
     layout = engine.layout
     shape = (layout.n_moe_layers, layout.n_experts)
     if masks is None:
@@ -512,27 +515,38 @@ def _pack_masks(engine: VLLMEngine, masks: Sequence[np.ndarray | None] | None, n
             where="generate_with_routing(masks=...)",
             fix="give one mask (or None) per prompt",
         )
-    slots = np.full(n_prompts, -1, dtype=np.int64)
-    stack = []
+    slots = {
+        np.bool_: np.full(n_prompts, -1, dtype=np.int64),
+        np.float32: np.full(n_prompts, -1, dtype=np.int64),
+    }
+    stacks: dict[Any, list[np.ndarray]] = {np.bool_: [], np.float32: []}
     for index, mask in enumerate(masks):
         if mask is None:
             continue
         mask = np.asarray(mask)
-        if mask.dtype != np.bool_ or mask.shape != shape:
+        if mask.dtype.type not in stacks or mask.shape != shape:
             raise XiciError(
                 f"the expert mask of prompt {index} is {mask.dtype} {list(mask.shape)}, "
-                f"not bool {list(shape)}",
+                f"not bool (or float32) {list(shape)}",
                 where="generate_with_routing(masks=...)",
-                fix="give one bool [n_moe_layers, n_experts] mask per prompt, True = deactivated",
+                fix="give one bool [n_moe_layers, n_experts] mask per prompt, True = deactivated (or a "
+                "float32 bias added to the router logits)",
             )
         if not mask.any():
             continue
-        _check_mask(engine, mask, index)
-        slots[index] = len(stack)
-        stack.append(mask)
-    packed = np.packbits(np.stack(stack), axis=-1) if stack else np.zeros((0, *shape), dtype=np.uint8)
+        if mask.dtype == np.bool_:
+            _check_mask(engine, mask, index)
+        slots[mask.dtype.type][index] = len(stacks[mask.dtype.type])
+        stacks[mask.dtype.type].append(mask)
+    bits, bias = stacks[np.bool_], stacks[np.float32]
     buffer = io.BytesIO()
-    np.savez(buffer, slots=slots, packed=packed)
+    np.savez(
+        buffer,
+        slots=slots[np.bool_],
+        packed=np.packbits(np.stack(bits), axis=-1) if bits else np.zeros((0, *shape), dtype=np.uint8),
+        bias_slots=slots[np.float32],
+        bias=np.stack(bias) if bias else np.zeros((0, *shape), dtype=np.float32),
+    )
     return buffer.getvalue()
 
 

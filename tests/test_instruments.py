@@ -107,8 +107,6 @@ def test_question_limit_and_refusals(recorded, lake: Lake) -> None:
     result = run_ablation(lake, recorded[1], device="cpu", baselines=(), instrument=Instrument(questions=2))
     assert [r.n_units for r in result.runs] == [6]
     assert rows(lake, "select questions, mode from ablations") == [(2, "deactivate")]
-    with pytest.raises(XiciError, match="transformers backend"):
-        run_ablation(lake, recorded[1], backend="vllm", instrument=Instrument("boost", boost=1.0))
     with pytest.raises(XiciError, match="finite non-zero"):
         Instrument("boost", boost=0.0)
 

@@ -247,6 +247,28 @@ def test_masks_per_request(setup: Any) -> None:
             assert mask[layers, torch.stack(naive, dim=1).numpy()].any()
 
 
+def test_boost_per_request(setup: Any) -> None:
+    """A float32 "mask" is a bias on the router logits, per request: the boosted experts are selected more
+    often, neighbours are untouched, and tokens and routing equal transformers' under the same bias."""
+    engine, model, prompts = setup
+    bias = np.zeros((engine.layout.n_moe_layers, engine.layout.n_experts), dtype=np.float32)
+    bias[:, :2] = 4.0  # experts 0 and 1 of every layer
+    boosted = generate_with_routing(engine, prompts[:2], max_new_tokens=MAX_NEW, masks=[bias, None])
+    plain = generate_with_routing(engine, prompts[:2], max_new_tokens=MAX_NEW)
+    assert boosted[1].output_ids == plain[1].output_ids
+    _assert_same_routing(boosted[1], plain[1].topk_ids, plain[1].topk_weights, atol=1e-6)
+    share = [(g.topk_ids.astype(np.int64) < 2).any(-1).mean() for g in (plain[0], boosted[0])]
+    assert share[1] > share[0] + 0.1
+    output, step = _reference(model, prompts[0], bias)
+    assert boosted[0].output_ids == output
+    _assert_same_routing(
+        boosted[0],
+        step.topk_ids.numpy(),
+        step.topk_weights.numpy(),
+        WEIGHT_ATOL.get(model.config.model_type, 1e-4),
+    )
+
+
 def _share(weights: np.ndarray) -> np.ndarray:
     """Top-k weights as shares of their sum (vLLM may apply a routed scaling factor after the kernel)."""
     return weights / weights.sum(-1, keepdims=True)

@@ -8,7 +8,8 @@ real importer) and a checkpoint that sometimes stops early (so stop tokens are e
   tokens per step, 4 sequences at a time: chunked prefill and continuous batching), both in float32;
 - analysis 1 (of run 1, expert sets written straight into the analysis tables): run 3 ablates it with
   transformers, run 4 with ``xici ablate --backend vllm``;
-- analysis 2 (the same sets, of run 2): run 5, ``xici ablate`` without ``--backend``, takes the recording's.
+- analysis 2 (the same sets, of run 2): run 5, ``xici ablate`` without ``--backend``, takes the recording's;
+- analysis 1 boosted (``--boost 4``): run 6 with transformers, run 7 with vLLM.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def lake(
           "--backend", "vllm", *ENGINE)  # fmt: skip
     second = insert_analysis(lake, 2, sets, layers=(0, n_layers))
     _xici(lake, "ablate", "--analysis", str(second), "--baselines", "", *ENGINE)
+    boost = ("ablate", "--analysis", str(first), "--baselines", "", "--boost", "4", "--batch-size", "4")
+    _xici(lake, *boost)
+    _xici(lake, *boost, "--backend", "vllm", *ENGINE)
     return lake
 
 
@@ -144,6 +148,16 @@ def test_vllm_records_the_transformers_lake(lake: Lake) -> None:
     assert params_1 == params_2
     keys = rows(lake, "select count(distinct run_key) from runs where run_id in (1, 2)")
     assert keys == [(2,)]
+
+
+def test_vllm_boost_matches_transformers(lake: Lake) -> None:
+    """The boost's additive logit bias goes through vLLM's per-request router edits like the masks do."""
+    _assert_same_runs(lake, 6, 7, N_ABLATED)
+    for run_id in (6, 7):
+        mode, before, after = rows(
+            lake, "select mode, selected_before, selected_after from ablations where run_id = ?", [run_id]
+        )[0]
+        assert mode == "boost" and after > before
 
 
 def test_vllm_ablation_matches_transformers_and_never_selects_a_deactivated_expert(lake: Lake) -> None:

@@ -29,7 +29,7 @@ Python runs around each step, outside the model: a wrapper around the model runn
 (its override point, called once per engine step and never by warm-up or dummy runs) reads the step's batch
 layout before the forward (which request owns each row: ``input_batch.req_ids`` and ``query_start_loc``;
 each row's token position: the ``positions`` argument), fills the per-row buffers from the per-request ones
-(:attr:`_Capture.row_edits`: the masks; a per-request logit bias would be one more such buffer), and after
+(:attr:`_Capture.row_edits`: the masks, and the additive logit biases of the boost experiment), and after
 the forward keeps a device copy of the step's captured rows.
 
 Captured logits stay on the device; every so often, and at the end, they are turned into top-k ids and
@@ -109,25 +109,37 @@ def _mask_logits_fake(logits: torch.Tensor, row_masks: torch.Tensor, layer: int)
     return torch.empty_like(logits)
 
 
+def _bias_logits(logits: torch.Tensor, row_bias: torch.Tensor, layer: int) -> torch.Tensor:
+    """The logits plus each row's bias (``row_bias[layer]``; zero on rows without one: unchanged)."""
+    return logits + row_bias[layer, : logits.shape[0]].to(logits.dtype)
+
+
+def _bias_logits_fake(logits: torch.Tensor, row_bias: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.empty_like(logits)
+
+
 def _mask_selection(
     weights: torch.Tensor,
     ids: torch.Tensor,
     logits: torch.Tensor,
     row_masks: torch.Tensor,
+    row_bias: torch.Tensor,
     layer: int,
     gate_key: str,
 ) -> None:
-    """Overwrite vLLM's top-k of the rows with a mask by the registry gate's routing under that mask."""
+    """Overwrite vLLM's top-k of the rows with a mask or a bias by the registry gate's routing under them."""
     gate, scale = _SELECTION_GATES[gate_key]
     mask = row_masks[layer, : logits.shape[0]]
-    new_ids, new_weights = gate(logits.float(), mask)
-    masked = mask.any(dim=-1, keepdim=True)
+    bias = row_bias[layer, : logits.shape[0]]
+    new_ids, new_weights = gate(logits.float() + bias, mask)
+    masked = (mask | (bias != 0)).any(dim=-1, keepdim=True)
     ids.copy_(torch.where(masked, new_ids.to(ids.dtype), ids))
     weights.copy_(torch.where(masked, (new_weights * scale).to(weights.dtype), weights))
 
 
 direct_register_custom_op("capture_logits", _capture_logits, ["captured"], _mutates_only, target_lib=_LIBRARY)
 direct_register_custom_op("mask_logits", _mask_logits, [], _mask_logits_fake, target_lib=_LIBRARY)
+direct_register_custom_op("bias_logits", _bias_logits, [], _bias_logits_fake, target_lib=_LIBRARY)
 direct_register_custom_op(
     "mask_selection", _mask_selection, ["weights", "ids"], _mutates_only, target_lib=_LIBRARY
 )
@@ -161,6 +173,8 @@ class _Call:
     store_logits: bool
     mask_slots: np.ndarray  # int64 [n_requests]: row of ``masks`` per request, -1 for none
     masks: torch.Tensor | None  # bool [n_masked, n_moe_layers, n_experts], device
+    bias_slots: np.ndarray  # int64 [n_requests]: row of ``bias`` per request, -1 for none
+    bias: torch.Tensor | None  # float32 [n_biased, n_moe_layers, n_experts], device: added to the logits
     owners: dict[str, int] = field(default_factory=dict)  # vLLM request id -> batch index (cache)
     pending: list[tuple[_Step, torch.Tensor]] = field(default_factory=list)  # steps' logits on the device
     pending_bytes: int = 0
@@ -178,12 +192,26 @@ class _Call:
             self.owners[request_id] = index
         return index
 
-    def masked(self, requests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The rows whose request has a mask (``requests``: batch index per row, -1 = not ours), and each
-        one's row in ``masks``."""
-        slots = np.where(requests >= 0, self.mask_slots[requests], -1)
-        where = np.flatnonzero(slots >= 0)
-        return where, slots[where]
+    def edits(self, requests: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+        """Per kind of row edit (masks, bias) the call has: the rows whose request has one (``requests``:
+        batch index per row, -1 = not ours), each one's row in the per-request tensor, and that tensor."""
+        found = {}
+        for name, slots, values in (
+            ("masks", self.mask_slots, self.masks),
+            ("bias", self.bias_slots, self.bias),
+        ):
+            if values is not None:
+                where, rows = _rows_with(requests, slots)
+                if len(where):
+                    found[name] = (where, rows, values)
+        return found
+
+
+def _rows_with(requests: np.ndarray, per_request: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows whose request has a slot in ``per_request``, and each one's slot."""
+    slots = np.where(requests >= 0, per_request[requests], -1)
+    where = np.flatnonzero(slots >= 0)
+    return where, slots[where]
 
 
 class _Capture:
@@ -216,7 +244,10 @@ class _Capture:
         self.captured = torch.zeros(shape, dtype=torch.float32, device=self.device)
         #: Per-row edits of the router's work, filled before each step from each request's own; all zero
         #: (no edit) outside a call and on rows of requests without one.
-        self.row_edits = {"masks": torch.zeros(shape, dtype=torch.bool, device=self.device)}
+        self.row_edits = {
+            "masks": torch.zeros(shape, dtype=torch.bool, device=self.device),
+            "bias": torch.zeros(shape, dtype=torch.float32, device=self.device),
+        }
         self.edited_rows = 0  # rows 0..edited_rows-1 of the row edits may hold something
         self.call: _Call | None = None
         self._install()
@@ -253,11 +284,14 @@ class _Capture:
         self.end()
         arrays = np.load(io.BytesIO(masks_blob))
         slots = arrays["slots"].astype(np.int64)
-        masks = None
+        bias_slots = arrays["bias_slots"].astype(np.int64)
+        masks = bias = None
         if (slots >= 0).any():
             masks = torch.from_numpy(np.unpackbits(arrays["packed"], axis=-1, count=self.layout.n_experts))
             masks = masks.to(self.device, torch.bool)
-        self.call = _Call(prefix, n_requests, store_logits, slots, masks)
+        if (bias_slots >= 0).any():
+            bias = torch.from_numpy(arrays["bias"]).to(self.device, torch.float32)
+        self.call = _Call(prefix, n_requests, store_logits, slots, masks, bias_slots, bias)
 
     def end(self) -> None:
         """Forget the call and clear the row edits (also after an error)."""
@@ -302,20 +336,20 @@ class _Capture:
 
     def _gate_hook(self, layer: int) -> Callable[..., Any]:
         on_logits = not self.at_selection[layer]
-        captured, masks = self.captured, self.row_edits["masks"]
+        captured, masks, bias = self.captured, self.row_edits["masks"], self.row_edits["bias"]
 
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
             logits = output[0] if isinstance(output, tuple) else output
             torch.ops.xici.capture_logits(logits, captured, layer)
             if not on_logits:
                 return None
-            masked = torch.ops.xici.mask_logits(logits, masks, layer)
+            masked = torch.ops.xici.mask_logits(torch.ops.xici.bias_logits(logits, bias, layer), masks, layer)
             return (masked, *output[1:]) if isinstance(output, tuple) else masked
 
         return hook
 
     def _wrap_select(self, layer: int, key: str, select: Callable[..., Any]) -> Callable[..., Any]:
-        masks = self.row_edits["masks"]
+        masks, bias = self.row_edits["masks"], self.row_edits["bias"]
 
         def select_experts(
             hidden_states: torch.Tensor,
@@ -325,7 +359,7 @@ class _Capture:
             input_ids: torch.Tensor | None = None,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             weights, ids = select(hidden_states, router_logits, topk_indices_dtype, input_ids=input_ids)
-            torch.ops.xici.mask_selection(weights, ids, router_logits, masks, layer, key)
+            torch.ops.xici.mask_selection(weights, ids, router_logits, masks, bias, layer, key)
             return weights, ids
 
         return select_experts
@@ -359,13 +393,9 @@ class _Capture:
                 f"(buffers of {self.captured.shape[1]} rows)"
             )
         self._clear_edits()
-        if call.masks is not None:
-            where, slots = call.masked(requests)
-            if len(where):
-                self.row_edits["masks"][:, self._to_device(where)] = call.masks[
-                    self._to_device(slots)
-                ].transpose(0, 1)
-                self.edited_rows = rows
+        for name, (where, slots, values) in call.edits(requests).items():
+            self.row_edits[name][:, self._to_device(where)] = values[self._to_device(slots)].transpose(0, 1)
+            self.edited_rows = rows
         return _Step(requests, positions[:rows].clone())
 
     def _clear_edits(self) -> None:
@@ -400,14 +430,16 @@ class _Capture:
         requests = np.concatenate([step.requests for step, _ in call.pending])
         positions = torch.cat([step.positions for step, _ in call.pending])
         logits = torch.cat([captured for _, captured in call.pending], dim=1)  # [L, N, E]
-        masks = None
-        if call.masks is not None:
-            where, slots = call.masked(requests)
-            if len(where):
-                masks = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-                masks[:, self._to_device(where)] = call.masks[self._to_device(slots)].transpose(0, 1)
+        edits = {}
+        for name, (where, slots, values) in call.edits(requests).items():
+            edits[name] = torch.zeros(logits.shape, dtype=values.dtype, device=self.device)
+            edits[name][:, self._to_device(where)] = values[self._to_device(slots)].transpose(0, 1)
+        masks, bias = edits.get("masks"), edits.get("bias")
         parts = [
-            gate(logits[layer], None if masks is None else masks[layer])
+            gate(
+                logits[layer] if bias is None else logits[layer] + bias[layer],
+                None if masks is None else masks[layer],
+            )
             for layer, gate in enumerate(self.gates)
         ]
         call.done.append(
