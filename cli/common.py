@@ -41,6 +41,11 @@ _ENGINE_OPTIONS: dict[str, tuple[click.ParamType, str]] = {
         "vLLM: tokens computed per engine step [default: vLLM's].",
     ),
     "max_num_seqs": (click.IntRange(min=1), "vLLM: sequences in flight at once [default: vLLM's]."),
+    "enable_prefix_caching": (
+        click.BOOL,
+        "vLLM: true reuses the keys and values of prompt prefixes already computed (routing filled in, one "
+        "cache per expert mask) [default: false].",
+    ),
     "enforce_eager": (
         click.BOOL,
         "vLLM: true runs without torch.compile and CUDA graphs (quick start, slower steps) [default: false].",

@@ -9,10 +9,14 @@ function the transformers backend uses. :class:`VLLMGenerator` puts both behind 
 interface (:class:`~xici.recorder.generator.Generator`), which is how ``xici record`` and ``xici ablate``
 use vLLM.
 
-Engine settings xici imposes, and why (they are in :attr:`VLLMEngine.metadata`):
+Engine settings, and why (they are in :attr:`VLLMEngine.metadata`):
 
-- prefix caching off: a cached prefix is never recomputed, so it produces no routing, and under
-  ablation its KV, computed with other experts, would leak into the masked run;
+- prefix caching off unless asked for (``enable_prefix_caching``; it gained 19% on recording-like prompts
+  sharing a 52-token system turn, nothing where that turn is shorter than a KV block, see
+  benchmarks/README.md). With it on, a capturing call first empties the cache, so that every cached prefix
+  was computed by a request of the call, whose routing rows fill in the cached tokens' (a cached prefix is
+  never recomputed, so it produces no rows); each distinct expert mask gets its own cache salt, so no key or
+  value computed under other experts leaks into a masked request;
 - xici's worker class (vLLM's, with :class:`~xici.recorder.capture.vllm_worker.RoutingCapture` mixed in),
   which puts the routing taps in the model before vLLM compiles it. vLLM's compiled mode (its default:
   torch.compile, and CUDA graphs on GPUs) is the default; ``enforce_eager=True`` runs eagerly (faster
@@ -26,6 +30,7 @@ releases, so the backend refuses versions other than the tested one unless ``XIC
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import uuid
@@ -61,6 +66,7 @@ ENGINE_OPTIONS = (
     "block_size",
     "kv_cache_memory_bytes",
     "enforce_eager",
+    "enable_prefix_caching",
 )
 #: vLLM-CPU's KV cache when neither its size nor a memory share is given: at most this, and at most half of
 #: the memory free when the engine starts (vLLM-CPU would reserve 0.9 of a NUMA node and fail to start on
@@ -184,6 +190,8 @@ class RoutedGeneration:
     ``[T, L, k]``, ``logits`` float32 ``[T, L, E]`` raw router logits (before any deactivation) or None;
     T = len(prompt_ids) + len(output_ids) - 1, L the MoE layers. ``output_ids`` ends with the stop token
     when one was generated (``finish_reason`` "stop"), else it has max_new_tokens ids ("length").
+    ``n_cached`` prompt tokens came from vLLM's prefix cache (their routing from the request that computed
+    them).
     """
 
     prompt_ids: list[int]
@@ -192,6 +200,7 @@ class RoutedGeneration:
     topk_ids: np.ndarray
     topk_weights: np.ndarray
     logits: np.ndarray | None
+    n_cached: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -258,12 +267,12 @@ def load_engine(
     ``gpu_memory_utilization`` is the fraction of GPU memory vLLM may take (vLLM's default 0.9). On vLLM-CPU,
     where it is a fraction of a NUMA node's memory, ``kv_cache_memory_bytes`` sets the KV cache size
     directly; with neither given there, the KV cache holds ``max_num_seqs`` sequences of ``max_model_len``
-    tokens, within half the free memory and :data:`CPU_KV_CACHE_CAP`. ``enable_prefix_caching=True`` is only
-    for plain generation (``capture=False``): recording and ablation refuse it. ``enforce_eager`` turns
-    vLLM's compilation off (see the module's notes). ``taps=False`` builds plain vLLM, without xici's worker
-    class, only for ``capture=False`` generation (what benchmarks compare against). Other ``None`` values keep
-    vLLM's defaults. ``engine_args`` are further ``vllm.LLM`` arguments, passed as they are (for example
-    ``load_format="dummy"`` for random weights, or a quantization) and may not repeat the ones above.
+    tokens, within half the free memory and :data:`CPU_KV_CACHE_CAP`. ``enable_prefix_caching`` and
+    ``enforce_eager`` (vLLM's compilation off): see the module's notes. ``taps=False`` builds plain vLLM,
+    without xici's worker class, only for ``capture=False`` generation (what benchmarks compare against).
+    Other ``None`` values keep vLLM's defaults. ``engine_args`` are further ``vllm.LLM`` arguments, passed as
+    they are (for example ``load_format="dummy"`` for random weights, or a quantization) and may not repeat
+    the ones above.
     """
     from xici.recorder.generator import resolve_device, resolve_dtype
 
@@ -387,13 +396,11 @@ def generate_with_routing(
                 where="vLLM MoE backend",
                 fix="choose a modular MoE backend in vLLM, or ablate with the transformers backend",
             )
-    if capture and engine.metadata["prefix_caching"]:
-        raise XiciError(
-            "routing capture needs prefix caching off: a cached prefix produces no routing, and under "
-            "ablation its KV cache, computed with other experts, leaks into the masked run",
-            where="enable_prefix_caching",
-            fix="build the engine with enable_prefix_caching=False (the default)",
-        )
+    caching = capture and engine.metadata["prefix_caching"]
+    if caching and not engine.llm.reset_prefix_cache():
+        # Every cached prefix must come from a request of this call, whose routing rows fill it in.
+        raise RuntimeError("vLLM could not empty its prefix cache before a capturing call")
+    salts = _cache_salts(masks, len(prompts)) if caching else [None] * len(prompts)
     llm_engine = engine.llm.llm_engine
     params = SamplingParams(
         temperature=0.0, max_tokens=max_new_tokens, detokenize=False, stop_token_ids=list(stop_token_ids)
@@ -405,8 +412,11 @@ def generate_with_routing(
         mask_blob = _pack_masks(engine, masks, len(prompts))
         engine.llm.collective_rpc("xici_begin", args=(prefix, len(prompts), store_logits, mask_blob))
     try:
-        for index, prompt in enumerate(prompts):
-            llm_engine.add_request(f"{prefix}{index}", TokensPrompt(prompt_token_ids=list(prompt)), params)
+        for index, (prompt, salt) in enumerate(zip(prompts, salts, strict=True)):
+            request = TokensPrompt(prompt_token_ids=list(prompt))
+            if salt is not None:
+                request["cache_salt"] = salt
+            llm_engine.add_request(f"{prefix}{index}", request, params)
         while llm_engine.has_unfinished_requests():
             for output in llm_engine.step():
                 if output.finished:
@@ -418,7 +428,7 @@ def generate_with_routing(
         if capture:
             engine.llm.collective_rpc("xici_abort")
         raise
-    return _assemble(engine, prompts, finished, blob, store_logits)
+    return _assemble(engine, prompts, finished, blob, store_logits, salts)
 
 
 class VLLMGenerator:
@@ -427,8 +437,9 @@ class VLLMGenerator:
     and ablation run on either and write the same lake.
 
     Prompts are encoded by the same tokenizer and greedy decoding stops on the same tokens as with
-    :class:`~xici.recorder.hf_backend.HFGenerator`; the engine always runs with prefix caching off (see the
-    module's notes). ``engine_options`` are :data:`ENGINE_OPTIONS` for :func:`load_engine`.
+    :class:`~xici.recorder.hf_backend.HFGenerator`; the engine runs with prefix caching off unless
+    ``engine_options`` turn it on (see the module's notes). ``engine_options`` are :data:`ENGINE_OPTIONS`
+    for :func:`load_engine`.
     """
 
     def __init__(
@@ -441,7 +452,7 @@ class VLLMGenerator:
     ) -> None:
         check_engine_options(device, engine_options)
         self.tokenizer = load_tokenizer(model)
-        self.engine = load_engine(model, dtype=dtype, enable_prefix_caching=False, **(engine_options or {}))
+        self.engine = load_engine(model, dtype=dtype, **(engine_options or {}))
         self.device = str(self.engine.metadata["device"])
         self.dtype = str(self.engine.metadata["dtype"])
         generation_config = self.engine.llm.llm_engine.model_config.try_get_generation_config()
@@ -449,7 +460,7 @@ class VLLMGenerator:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The engine's settings as vLLM resolved them (prefix caching off among them), for run params."""
+        """The engine's settings as vLLM resolved them (prefix caching among them), for run params."""
         return dict(self.engine.metadata)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -558,14 +569,35 @@ def _check_mask(engine: VLLMEngine, mask: np.ndarray, index: int) -> None:
         gate.check_mask(torch.from_numpy(mask[layer][None]), where=where)
 
 
+def _cache_salts(masks: Sequence[np.ndarray | None] | None, n_prompts: int) -> list[str | None]:
+    """vLLM's per-request cache salt: one per distinct expert mask or logit bias, so that a request reuses
+    only keys and values computed under its own routing edit (None: unedited requests share theirs)."""
+    if masks is None:
+        return [None] * n_prompts
+    salts: list[str | None] = []
+    for edit in masks:
+        edit = None if edit is None else np.ascontiguousarray(edit)
+        if edit is None or not edit.any():
+            salts.append(None)
+        else:
+            salts.append(hashlib.sha256(edit.dtype.str.encode() + edit.tobytes()).hexdigest())
+    return salts
+
+
 def _assemble(
     engine: VLLMEngine,
     prompts: Sequence[Sequence[int]],
     finished: dict[int, Any],
     blob: bytes | None,
     store_logits: bool,
+    salts: Sequence[str | None],
 ) -> list[RoutedGeneration]:
-    """Pair each prompt's output with its routing rows (positions 0..T-1, checked complete)."""
+    """Pair each prompt's output with its routing rows (positions 0..T-1, checked complete).
+
+    With prefix caching, a request whose first tokens came from the cache has no rows for them: they are
+    taken from a request of the call that computed them (same tokens up to there, and same cache salt, so
+    the same mask), which is the routing the cached keys and values were computed with.
+    """
     layout = engine.layout
     arrays: dict[str, np.ndarray] = {}
     starts = np.zeros(len(prompts) + 1, dtype=np.int64)
@@ -573,6 +605,25 @@ def _assemble(
         with np.load(io.BytesIO(blob)) as data:
             arrays = {name: data[name] for name in data.files}
         starts = np.searchsorted(arrays["requests"], np.arange(len(prompts) + 1))
+    own: dict[int, np.ndarray] = {}  # request -> its rows in ``arrays``, positions first..T-1
+    if blob is not None:
+        for index, prompt in enumerate(prompts):
+            n_tokens = len(prompt) + len(finished[index].outputs[0].token_ids) - 1
+            rows = np.arange(starts[index], starts[index + 1])
+            rows = rows[arrays["positions"][rows] < n_tokens]  # a step may run past a request's end
+            first = int(arrays["positions"][rows[0]]) if len(rows) else n_tokens
+            if not np.array_equal(arrays["positions"][rows], np.arange(first, n_tokens)) or first > len(
+                prompt
+            ):
+                raise RuntimeError(
+                    f"request {index}: routing rows for positions "
+                    f"{arrays['positions'][rows].tolist()[:8]}..., expected 0..{n_tokens - 1}"
+                )
+            own[index] = rows
+        for index, rows in list(own.items()):
+            first = int(arrays["positions"][rows[0]]) if len(rows) else 0
+            if first:
+                own[index] = np.concatenate([_donor_rows(arrays, prompts, own, salts, index, first), rows])
     empty_ids = np.zeros((0, layout.n_moe_layers, layout.top_k), dtype=np.uint8)
     empty_weights = np.zeros((0, layout.n_moe_layers, layout.top_k), dtype=np.float32)
     results = []
@@ -582,20 +633,45 @@ def _assemble(
         n_tokens = len(prompt) + len(output_ids) - 1
         topk_ids, topk_weights, logits = empty_ids, empty_weights, None
         if blob is not None:
-            rows = slice(starts[index], starts[index + 1])
-            positions = arrays["positions"][rows]
-            keep = positions < n_tokens  # a step may run past a request's end before it is seen finished
-            if not np.array_equal(positions[keep], np.arange(n_tokens)):
-                raise RuntimeError(
-                    f"request {index}: routing rows for positions {positions[keep].tolist()[:8]}..., "
-                    f"expected 0..{n_tokens - 1}"
-                )
-            topk_ids = arrays["topk_ids"][rows][keep]
-            topk_weights = arrays["topk_weights"][rows][keep]
-            logits = arrays["logits"][rows][keep] if store_logits else None
+            rows = own[index]
+            assert len(rows) == n_tokens
+            topk_ids = arrays["topk_ids"][rows]
+            topk_weights = arrays["topk_weights"][rows]
+            logits = arrays["logits"][rows] if store_logits else None
         results.append(
             RoutedGeneration(
-                list(prompt), output_ids, str(completion.finish_reason), topk_ids, topk_weights, logits
+                list(prompt),
+                output_ids,
+                str(completion.finish_reason),
+                topk_ids,
+                topk_weights,
+                logits,
+                finished[index].num_cached_tokens or 0,
             )
         )
     return results
+
+
+def _donor_rows(
+    arrays: dict[str, np.ndarray],
+    prompts: Sequence[Sequence[int]],
+    own: dict[int, np.ndarray],
+    salts: Sequence[str | None],
+    index: int,
+    first: int,
+) -> np.ndarray:
+    """Rows for positions 0..first-1 of request ``index`` (served from the prefix cache), from a request
+    that computed them: the same cache salt (mask), the same first tokens, its rows from position 0."""
+    prefix = list(prompts[index][:first])
+    for donor, rows in own.items():
+        if (
+            donor != index
+            and salts[donor] == salts[index]
+            and len(rows) >= first
+            and arrays["positions"][rows[0]] == 0
+            and list(prompts[donor][:first]) == prefix
+        ):
+            return rows[:first]
+    raise RuntimeError(
+        f"request {index}: its first {first} tokens came from the prefix cache, no request computed them"
+    )

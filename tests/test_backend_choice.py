@@ -55,8 +55,8 @@ def test_without_vllm_the_error_says_how_to_install_it(tiny_checkpoint, tmp_path
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed here")
 def test_vllm_refuses_what_it_cannot_honour() -> None:
-    with pytest.raises(XiciError, match="unknown vLLM engine options enable_prefix_caching"):
-        check_backend("vllm", "auto", {"enable_prefix_caching": True})
+    with pytest.raises(XiciError, match="unknown vLLM engine options worker_cls"):
+        check_backend("vllm", "auto", {"worker_cls": "auto"})
     with pytest.raises(XiciError, match="cannot be placed on cuda:1"):
         check_backend("vllm", "cuda:1", None)
     check_backend("vllm", "auto", {"max_num_seqs": 2})

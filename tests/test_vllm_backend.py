@@ -3,7 +3,9 @@
 One eager engine per architecture, deliberately cramped (32 batched tokens with 32-token blocks, 2 sequences
 at a time) so that every batch exercises chunked prefill, continuous batching and more requests than running
 slots, and one Qwen3-MoE engine in vLLM's default compiled mode (torch.compile traces xici's taps; compiling
-takes tens of seconds, so it is the only one), through the same tests; the reference is transformers in
+takes tens of seconds, so it is the only one) and one eager Qwen3-MoE engine with prefix caching on (the
+prompts share their system turn, so later requests take its first KV block from the cache and its routing
+from the request that computed it), through the same tests; the reference is transformers in
 float32 (``model.generate`` for the tokens, one forward pass with
 :class:`xici.recorder.capture.hf.RouterTap` for the routing). Inside compiled code the kernel spy sees
 nothing: there, tokens equal to transformers' run under the same mask are what show that the expert kernel
@@ -45,8 +47,11 @@ from xici.recorder.vllm_backend import (
 pytestmark = pytest.mark.slow
 
 ARCHITECTURES = ("qwen3_moe", "olmoe", "mixtral", "glm4_moe")
-#: (architecture, enforce_eager) of the test engines.
-ENGINES = [(architecture, True) for architecture in ARCHITECTURES] + [("qwen3_moe", False)]
+#: (architecture, enforce_eager, prefix caching) of the test engines.
+ENGINES = [(architecture, True, False) for architecture in ARCHITECTURES] + [
+    ("qwen3_moe", False, False),
+    ("qwen3_moe", True, True),
+]
 QUESTIONS = (
     "What is the capital of France?",
     "Quelle est la capitale de la France? Qui a écrit la réponse?",
@@ -83,13 +88,15 @@ def _kv_bytes(config: Any, blocks: int) -> int:
 
 
 @pytest.fixture(
-    scope="module", params=ENGINES, ids=[f"{a}-{'eager' if e else 'compiled'}" for a, e in ENGINES]
+    scope="module",
+    params=ENGINES,
+    ids=[f"{a}-{'eager' if e else 'compiled'}{'-prefix-caching' if c else ''}" for a, e, c in ENGINES],
 )
 def setup(
     request: pytest.FixtureRequest, in_process: None, tiny_checkpoint: Callable[..., Path]
 ) -> Iterator[Any]:
     """(engine, transformers model, prompts) for one engine; the engine is shut down afterwards."""
-    architecture, eager = request.param
+    architecture, eager, caching = request.param
     path = tiny_checkpoint(architecture)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [PromptFormat().encode(tokenizer, q).ids for q in QUESTIONS]
@@ -97,7 +104,12 @@ def setup(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     kv_bytes = _kv_bytes(model.config, KV_BLOCKS)
     with load_engine(
-        str(path), dtype="float32", kv_cache_memory_bytes=kv_bytes, enforce_eager=eager, **CRAMPED
+        str(path),
+        dtype="float32",
+        kv_cache_memory_bytes=kv_bytes,
+        enforce_eager=eager,
+        enable_prefix_caching=caching,
+        **CRAMPED,
     ) as engine:
         assert (
             engine.metadata["enforce_eager"] is eager
@@ -168,6 +180,8 @@ def test_matches_transformers(setup: Any) -> None:
     engine, model, prompts = setup
     results = generate_with_routing(engine, prompts, max_new_tokens=MAX_NEW, store_logits=True)
     assert len(results) == len(prompts) > CRAMPED["max_num_seqs"]
+    cached = [g.n_cached for g in results]
+    assert cached[0] == 0 and (max(cached) >= CRAMPED["block_size"]) is engine.metadata["prefix_caching"]
     for prompt, got in zip(prompts, results, strict=True):
         output, step = _reference(model, prompt)
         assert got.prompt_ids == prompt
@@ -405,7 +419,4 @@ def test_user_mistakes_are_refused(setup: Any) -> None:
         generate_with_routing(engine, prompts[:1], max_new_tokens=4, masks=[too_many])
     with pytest.raises(XiciError, match="maximum model length"):
         generate_with_routing(engine, prompts[:1], max_new_tokens=CRAMPED["max_model_len"])
-    caching = VLLMEngine(engine.llm, layout, engine.gates, {**engine.metadata, "prefix_caching": True})
-    with pytest.raises(XiciError, match="prefix caching off"):
-        generate_with_routing(caching, prompts[:1], max_new_tokens=4)
     assert generate_with_routing(engine, [], max_new_tokens=4) == []

@@ -10,6 +10,10 @@ real importer) and a checkpoint that sometimes stops early (so stop tokens are e
   transformers, run 4 with ``xici ablate --backend vllm``;
 - analysis 2 (the same sets, of run 2): run 5, ``xici ablate`` without ``--backend``, takes the recording's;
 - analysis 1 boosted (``--boost 4``): run 6 with transformers, run 7 with vLLM.
+
+Runs 2 and 4 use vLLM's default compiled mode (xici's taps inside torch.compile'd code), run 5 eager with
+prefix caching on (``--enforce-eager true --enable-prefix-caching true``), so run 4 = run 5 also says that
+the compiled engine and the eager, caching one (one cache per expert mask) ablate alike.
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ def lake(
     _xici(lake, "ablate", "--analysis", str(first), "--baselines", "", "--batch-size", "4",
           "--backend", "vllm", *ENGINE)  # fmt: skip
     second = insert_analysis(lake, 2, sets, layers=(0, n_layers))
-    _xici(lake, "ablate", "--analysis", str(second), "--baselines", "", *ENGINE)
+    _xici(lake, "ablate", "--analysis", str(second), "--baselines", "", "--enforce-eager", "true",
+          "--enable-prefix-caching", "true", *ENGINE)  # fmt: skip
     boost = ("ablate", "--analysis", str(first), "--baselines", "", "--boost", "4", "--batch-size", "4")
     _xici(lake, *boost)
     _xici(lake, *boost, "--backend", "vllm", *ENGINE)
@@ -178,6 +183,8 @@ def test_vllm_ablation_matches_transformers_and_never_selects_a_deactivated_expe
         for (question, _), ids in routing(lake, run_id).items():  # read straight from Zarr
             assert all(not (ids[:, layer] == expert).any() for layer, expert in sets[question])
     assert _run(lake, 4)[2]["engine"]["prefix_caching"] is False
+    engines = [_run(lake, run_id)[2]["engine"] for run_id in (4, 5)]
+    assert [(e["enforce_eager"], e["prefix_caching"]) for e in engines] == [(False, False), (True, True)]
     # The deactivation changed answers (the check could fail), and vLLM's recording ablates like vLLM.
     assert compare_runs(lake, 1, 3).same_tokens < N_ABLATED
     _assert_same_runs(lake, 4, 5, N_ABLATED)
