@@ -22,6 +22,11 @@ def _rows(con: duckdb.DuckDBPyConnection, query: str, params: list[object]) -> l
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+def _condition(condition: str) -> str:
+    """A condition's name next to rival localizers: XICI's row is each localizer's own sets."""
+    return "own sets" if condition == "xici" else LABELS[condition]
+
+
 def _localizer_rows(con: duckdb.DuckDBPyConnection, run_id: int) -> list[dict[str, object]]:
     """The deactivation ablations of the run's analyses, one row per (analysis, condition)."""
     rows = _rows(
@@ -60,7 +65,7 @@ def localizers_table(con: duckdb.DuckDBPyConnection, run_id: int) -> Table | Non
             r["localizer"],
             r["with_experts"],
             r["avg_experts"],
-            LABELS[r["condition"]],
+            _condition(r["condition"]),
             r["n_questions"],
             r["asr"],
             r["sgr"],
@@ -82,6 +87,13 @@ def localizers_figure(con: duckdb.DuckDBPyConnection, run_id: int) -> Figure | N
     rows = _localizer_rows(con, run_id)
     if len({row["localizer"] for row in rows}) < 2:  # as the table: only once there is a rival
         return None
+    # one ablation per analysis: of all its questions with experts when run, else of the most questions
+    widest = {}
+    for row in rows:
+        limit = row["question_limit"]
+        best = widest.get(row["analysis_id"], limit)
+        widest[row["analysis_id"]] = None if None in (best, limit) else max(best, limit)
+    rows = [row for row in rows if row["question_limit"] == widest[row["analysis_id"]]]
     localizers = list(dict.fromkeys(f"{r['localizer']} ({r['analysis_id']})" for r in rows))
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
     fig = MplFigure(figsize=(10.0, 4.0), layout="constrained")
@@ -100,7 +112,7 @@ def localizers_figure(con: duckdb.DuckDBPyConnection, run_id: int) -> Figure | N
             heights,
             width,
             color=_CONDITION_COLORS.get(condition, "#55A868"),
-            label=LABELS[condition],
+            label=_condition(condition),
         )
         left.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     left.set_xticks(x, localizers, rotation=20, ha="right", fontsize=8)
@@ -118,8 +130,10 @@ def localizers_figure(con: duckdb.DuckDBPyConnection, run_id: int) -> Figure | N
     return Figure(
         "localizers",
         "Localizers against the baselines",
-        "Left: rate difference (ASR − SGR) of each localizer's sets and of its baselines (random sets of the "
-        "same sizes, shuffled sets). Right: the average size of the sets it chose.",
+        "Left: rate difference (ASR − SGR) of each localizer's own sets and of its baselines (random sets of "
+        "the same sizes, shuffled sets), from its ablation of all questions with experts (or, when only "
+        "that was run, of the most questions: xici ablate --questions N). Right: the average size of the "
+        "sets it chose.",
         _png(fig),
     )
 
