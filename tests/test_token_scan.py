@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 import torch
 from test_recorder_support import new_lake
@@ -267,3 +268,13 @@ def test_means_have_the_macro_bits(
     )
     assert len(built) > 100
     assert built == direct  # m > 0 everywhere, so equal floats are equal bits
+
+
+def test_float16_widened_by_bits_equals_numpy() -> None:
+    """Every float16 value (all bit patterns: subnormals, negatives, infinities, NaNs) widens to numpy's
+    float32, bit for bit."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    for values in (every, every[every >= 0], every[:0x7C00]):
+        widened = scan.float32(values)
+        assert widened.dtype == np.float32
+        assert np.array_equal(widened.view(np.uint32), values.astype(np.float32).view(np.uint32))

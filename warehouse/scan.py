@@ -360,13 +360,12 @@ class TokenScan(ArrowScanSource):
             ids, weights = block["topk_ids"], block["topk_weights"]
             n_layers, n_experts = ids.shape[1], int(ids.max(initial=0)) + 1
             per_seq = n_layers * n_experts
-            # Group key of every row: (sequence in this read, layer, expert), built in place.
-            key = ids.astype(np.int64)
-            key += (np.arange(n_layers) * n_experts)[None, :, None]
-            key += np.repeat(np.arange(len(which)) * per_seq, plan.lengths[which])[:, None, None]
-            key = key.reshape(-1)
+            # Group key of every row: (sequence in this read, layer, expert), in one pass over the ids.
+            offsets = np.repeat(np.arange(len(which)) * per_seq, plan.lengths[which])[:, None, None]
+            offsets = offsets + (np.arange(n_layers) * n_experts)[None, :, None]
+            key = np.add(ids, offsets, dtype=np.intp).reshape(-1)
             if weights.dtype == np.float16:  # multiples of 2^-24: sum them, then scale (both exact)
-                sums = np.bincount(key, weights=weights.astype(np.float32).reshape(-1)) * 2.0**32
+                sums = np.bincount(key, weights=float32(weights.reshape(-1))) * 2.0**32
             else:  # SQL round(): halves away from 0
                 units = weights.reshape(-1).astype(np.float64) * 2.0**32
                 sums = np.bincount(key, weights=np.sign(units) * np.floor(np.abs(units) + 0.5))
@@ -441,8 +440,9 @@ class TokenScan(ArrowScanSource):
             )
         for column, source in _SOURCES[self.name].items():
             if column in needed and column != "expert":
-                dtype = np.float32 if column in ("weight", "logit") else np.int32
-                columns[column] = block[source][tokens].reshape(-1).astype(dtype)
+                values = block[source][tokens].reshape(-1)
+                wide = column in ("weight", "logit")
+                columns[column] = float32(values) if wide else values.astype(np.int32)
         schema = pa.schema([f for f in self.schema if f.name in columns])
         return pa.RecordBatch.from_arrays(
             [pa.array(columns[f.name], type=f.type) for f in schema], schema=schema
@@ -462,6 +462,23 @@ class _Plan:
     layers: np.ndarray | None
     experts: np.ndarray | None
     pos_exact: bool  # the positions kept are those from first_pos on, all of them
+
+
+def float32(values: np.ndarray) -> np.ndarray:
+    """``values`` as float32 (DuckDB takes no Arrow float16). Float16 that are all finite and not negative,
+    as gate weights are, are widened by their bits: the exponent and mantissa moved into place and the
+    exponent bias fixed by one exact multiplication (subnormals included), about 3x faster than numpy's
+    conversion; the same values bit for bit."""
+    if values.dtype != np.float16:
+        return values.astype(np.float32)
+    bits = values.view(np.uint16)
+    if len(bits) == 0 or bits.max() >= 0x7C00:  # a sign bit, infinity or NaN: numpy's conversion
+        return values.astype(np.float32)
+    wide = bits.astype(np.uint32)
+    wide <<= 13
+    out = wide.view(np.float32)
+    out *= np.float32(2.0**112)
+    return out
 
 
 def _per_layer(plan: _Plan) -> int:
