@@ -80,8 +80,8 @@ class RouterTap:
             or tuple(masks.shape[1:]) != shape
         ):
             raise XiciError(
-                f"expert masks must be a bool tensor (or a float32 bias tensor) [batch, {shape[0]}, {shape[1]}], "
-                f"got {masks.dtype} {list(masks.shape)}",
+                f"expert masks must be a bool tensor (or a float32 bias tensor) "
+                f"[batch, {shape[0]}, {shape[1]}], got {masks.dtype} {list(masks.shape)}",
                 where="RouterTap.set_masks",
                 fix="build one row per prompt of the batch, one mask per MoE layer",
             )
