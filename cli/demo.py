@@ -26,7 +26,7 @@ DATASET = "testbed"
 MAX_NEW_TOKENS = 8
 
 
-def _import_once(lake: Lake, name: str, dataset: Path) -> None:
+def import_once(lake: Lake, name: str, dataset: Path) -> None:
     """Import the testbed questions unless this exact file is already in the lake under ``name``."""
     from xici.corpora.store import import_dataset, list_datasets
 
@@ -120,7 +120,7 @@ def demo(
             fix="build one with: xici testbed build --out DIR, then pass --testbed DIR",
         )
     console.rule("1/5  dataset")
-    _import_once(lake, dataset_name, paths.dataset)
+    import_once(lake, dataset_name, paths.dataset)
 
     console.rule("2/5  record: answers, grades and routing of every token")
     recorded = pipeline.record(
