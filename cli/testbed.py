@@ -10,10 +10,16 @@ from rich.console import Console
 from rich.table import Table
 
 from xici.progress import progress_bar
+from xici.testbed.families import families
 from xici.testbed.train import ModelConfig, build_testbed
 from xici.testbed.world import WorldConfig
 
 MODEL, WORLD = ModelConfig(), WorldConfig()
+
+
+def _defaults(field: str) -> str:
+    """A ModelConfig field's default per family, for the help text."""
+    return ", ".join(f"{arch} {getattr(ModelConfig.for_arch(arch), field)}" for arch in families())
 
 
 @click.group()
@@ -31,38 +37,45 @@ def testbed() -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Fixes the world and the training.")
 @click.option(
-    "--steps", type=click.IntRange(min=1), default=MODEL.steps, show_default=True, help="Training steps."
+    "--arch",
+    type=click.Choice(list(families())),
+    default=MODEL.arch,
+    show_default=True,
+    help="Model family: Qwen3-MoE (softmax gates) or GLM4-MoE (sigmoid gates with a selection bias, "
+    "a dense first layer, optional shared experts).",
 )
+@click.option("--experts", type=int, help=f"Routed experts per MoE layer.  [default: {MODEL.experts}]")
+@click.option("--top-k", type=int, help=f"Experts routed per token.  [default: {MODEL.top_k}]")
+@click.option(
+    "--shared-experts",
+    type=int,
+    help="Always-on shared experts per MoE layer (glm4-moe only; 0 for none).  [default: 0]",
+)
+@click.option("--layers", type=int, help=f"Decoder layers.  [default: {_defaults('layers')}]")
+@click.option("--steps", type=int, help=f"Training steps.  [default: {_defaults('steps')}]")
 @click.option(
     "--entities", type=click.IntRange(min=1), default=WORLD.n_entities, show_default=True, help="Entities."
 )
 @click.option(
     "--languages", type=click.IntRange(min=2), default=WORLD.n_languages, show_default=True, help="Languages."
 )
-@click.option(
-    "--layers", type=click.IntRange(min=3), default=MODEL.layers, show_default=True, help="MoE layers."
-)
-@click.option(
-    "--experts",
-    type=click.IntRange(min=2),
-    default=MODEL.experts,
-    show_default=True,
-    help="Experts per layer.",
-)
-def build(out: Path, seed: int, steps: int, entities: int, languages: int, layers: int, experts: int) -> None:
-    """Generate a world, train a tiny Qwen3-MoE on it (CPU, one thread) and measure it per language.
+def build(
+    out: Path, seed: int, arch: str, entities: int, languages: int, **model_options: int | None
+) -> None:
+    """Generate a world, train a tiny MoE on it (CPU, one thread) and measure it per language.
 
     \b
     The same seed and options give the same checkpoint bytes on the same kind of machine. The defaults
-    are those of the checkpoint that ships with xici (xici/testbed/checkpoint); about 3 minutes.
-    Then, for example:
+    are those of the checkpoint that ships with xici (xici/testbed/checkpoint, Qwen3-MoE routing 2 of 64
+    experts, about 3 minutes); --arch glm4-moe has defaults of its own (testbed/README.md). Then:
       xici datasets import testbed OUT/dataset.jsonl --format jsonl
       xici record --model OUT --dataset testbed
     """
     world_config = WorldConfig(n_entities=entities, n_languages=languages)
-    model_config = ModelConfig(steps=steps, layers=layers, experts=experts)
+    given = {name: value for name, value in model_options.items() if value is not None}
+    model_config = ModelConfig.for_arch(arch, **given)
     with progress_bar() as bar:
-        task = bar.add_task("Training", total=steps)
+        task = bar.add_task("Training", total=model_config.steps)
         paths = build_testbed(
             out,
             seed=seed,

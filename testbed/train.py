@@ -1,4 +1,5 @@
-"""Train a tiny Qwen3-MoE from scratch on a synthetic world, on CPU, reproducibly.
+"""Train a tiny MoE (Qwen3-MoE or GLM4-MoE, :mod:`xici.testbed.families`) from scratch on a synthetic world,
+on CPU, reproducibly.
 
 The result is an ordinary Hugging Face checkpoint (config, safetensors weights, word-level tokenizer with
 the ChatML chat template of :mod:`xici.testbed.random_models`) that xici records and ablates like any hub
@@ -21,14 +22,16 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from xici.corpora.graders import GradeItem, MatchGrader
 from xici.errors import XiciError
 from xici.recorder.prompting import PromptFormat
+from xici.testbed.families import StepHooks, family
 from xici.testbed.random_models import BOS, EOS, IM_START, PAD, chat_tokenizer
 from xici.testbed.world import World, WorldConfig, generate_world
 
@@ -40,7 +43,10 @@ SHIPPED = Path(__file__).parent / "checkpoint"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and optimisation of the testbed model (defaults: the shipped one, see README.md)."""
+    """Architecture and optimisation of the testbed model (defaults: the shipped one, see README.md).
+
+    :meth:`for_arch` gives another family's defaults; constructing one directly keeps the shipped design's.
+    """
 
     layers: int = 4
     hidden: int = 128
@@ -58,8 +64,20 @@ class ModelConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
+    #: The model family (``--arch``): ``qwen3-moe`` or ``glm4-moe``.
+    arch: str = "qwen3-moe"
+    #: Always-on shared experts per MoE layer, each as wide as a routed one (families that have them).
+    shared_experts: int = 0
+    #: Selection-bias step per optimizer step, toward balanced load (families with a selection bias).
+    bias_rate: float = 1e-3
+
+    @classmethod
+    def for_arch(cls, arch: str = "qwen3-moe", **fields: Any) -> ModelConfig:
+        """The configuration ``arch`` trains well with by default, with ``fields`` given by the caller."""
+        return cls(**{**family(arch).defaults, **fields, "arch": arch})
 
     def __post_init__(self) -> None:
+        spec = family(self.arch)
         if self.steps < 1 or self.batch_size < 1:
             raise XiciError("steps and batch size must be at least 1", where="--steps")
         if self.hidden % self.heads or (self.hidden // self.heads) % 2:
@@ -67,12 +85,32 @@ class ModelConfig:
                 "the hidden size must split into an even head size per attention head",
                 where=f"hidden={self.hidden}, heads={self.heads}",
             )
-        if not 1 <= self.top_k <= self.experts:
-            raise XiciError("top-k must be between 1 and the number of experts", where=f"top_k={self.top_k}")
-        if self.layers < 3:
+        if self.experts < 2:
             raise XiciError(
-                "the testbed needs at least 3 layers: XICI leaves out the first and the last",
+                f"a MoE needs at least 2 experts per layer, got {self.experts}", where="--experts"
+            )
+        if not 1 <= self.top_k <= self.experts:
+            raise XiciError(
+                f"top-k must be between 1 and the number of experts ({self.experts}), got {self.top_k}",
+                where="--top-k",
+                fix="route fewer experts per token, or give more experts with --experts",
+            )
+        if self.shared_experts and not spec.shared_experts:
+            raise XiciError(
+                f"{self.arch} has no shared experts",
+                where="--shared-experts",
+                fix="leave --shared-experts out, or use an architecture with them (glm4-moe)",
+            )
+        if self.shared_experts < 0:
+            raise XiciError(
+                f"shared experts cannot be negative, got {self.shared_experts}", where="--shared-experts"
+            )
+        if self.layers - spec.dense_layers < 3:
+            raise XiciError(
+                f"the testbed needs at least 3 MoE layers: XICI leaves out the first and the last "
+                f"({self.arch} has {spec.dense_layers} dense layer(s) before them)",
                 where=f"layers={self.layers}",
+                fix=f"use --layers {spec.dense_layers + 3} or more",
             )
 
 
@@ -104,32 +142,6 @@ def build_tokenizer(world: World) -> PreTrainedTokenizerFast:
     return chat_tokenizer(core, unk_token=UNK)
 
 
-def _model_config(tokenizer: PreTrainedTokenizerFast, model: ModelConfig) -> Qwen3MoeConfig:
-    return Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=model.hidden,
-        intermediate_size=model.expert_width * model.top_k,
-        num_hidden_layers=model.layers,
-        num_attention_heads=model.heads,
-        num_key_value_heads=model.heads,
-        head_dim=model.hidden // model.heads,
-        moe_intermediate_size=model.expert_width,
-        num_experts=model.experts,
-        num_experts_per_tok=model.top_k,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        router_aux_loss_coef=model.router_aux_loss,
-        initializer_range=model.init_std,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
-    )
-
-
 def _encode_items(
     world: World, tokenizer: PreTrainedTokenizerFast
 ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -157,25 +169,27 @@ def _encode_items(
 
 
 def _step_loss(
-    model: Qwen3MoeForCausalLM,
+    model: PreTrainedModel,
     prefix: torch.Tensor,
     suffix: torch.Tensor,
     targets: torch.Tensor,
-    aux_coef: float,
+    hooks: StepHooks,
 ) -> torch.Tensor:
-    """Cross-entropy on the target tokens plus the router balance loss, with the shared prefix run once."""
+    """Cross-entropy on the target tokens plus the family's extra loss, with the shared prefix run once."""
     batch = suffix.shape[0]
+    hooks.tokens(torch.full(prefix.shape, batch))
     cache = model.model(input_ids=prefix, use_cache=True).past_key_values
     for layer in cache.layers:
         layer.keys = layer.keys.expand(batch, -1, -1, -1)
         layer.values = layer.values.expand(batch, -1, -1, -1)
     # No attention mask: padding only ever follows an item's targets, and attention is causal.
+    hooks.tokens(suffix != model.config.pad_token_id)
     out = model(input_ids=suffix, past_key_values=cache, use_cache=True, output_router_logits=True)
     # Suffix logit j - 1 predicts suffix token j. Token 0 never is a target (every suffix opens with the
     # question), so the logit the prefix's last token would give for it is not needed.
     logits = out.logits[:, :-1][targets[:, 1:]]
     loss = torch.nn.functional.cross_entropy(logits, suffix[:, 1:][targets[:, 1:]])
-    return loss + aux_coef * out.aux_loss
+    return loss + hooks.extra_loss(out)
 
 
 def train_model(
@@ -185,7 +199,7 @@ def train_model(
     *,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
-) -> tuple[Qwen3MoeForCausalLM, PreTrainedTokenizerFast]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Train on ``world`` with one thread and save the checkpoint (weights, config, tokenizer) to ``out``."""
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -194,7 +208,8 @@ def train_model(
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = Qwen3MoeForCausalLM(_model_config(tokenizer, model_config))
+    spec = family(model_config.arch)
+    model = spec.model_class(spec.hf_config(model_config, tokenizer))
     # Grouped matmuls: the per-expert loop is ~50x slower on CPU.
     model.set_experts_implementation("grouped_mm")
     model.train()
@@ -211,17 +226,19 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     prefix = torch.tensor([prefix_ids])
     order = torch.empty(0, dtype=torch.long)
-    for step in range(model_config.steps):
-        if len(order) < model_config.batch_size:
-            order = torch.cat([order, torch.randperm(len(suffix), generator=generator)])
-        batch, order = order[: model_config.batch_size], order[model_config.batch_size :]
-        loss = _step_loss(model, prefix, suffix[batch], targets[batch], model_config.router_aux_loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if on_step is not None:
-            on_step(step, loss.item())
+    with spec.training(model, model_config) as hooks:
+        for step in range(model_config.steps):
+            if len(order) < model_config.batch_size:
+                order = torch.cat([order, torch.randperm(len(suffix), generator=generator)])
+            batch, order = order[: model_config.batch_size], order[model_config.batch_size :]
+            loss = _step_loss(model, prefix, suffix[batch], targets[batch], hooks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            hooks.after_step()
+            scheduler.step()
+            if on_step is not None:
+                on_step(step, loss.item())
 
     model.eval()
     model.generation_config = GenerationConfig(
@@ -239,7 +256,7 @@ def train_model(
 
 @torch.no_grad()
 def answer_questions(
-    model: Qwen3MoeForCausalLM,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
     questions: Sequence[str],
     *,
@@ -260,7 +277,7 @@ def answer_questions(
 
 
 def measure_accuracies(
-    model: Qwen3MoeForCausalLM, tokenizer: PreTrainedTokenizerFast, rows: Sequence[dict]
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, rows: Sequence[dict]
 ) -> dict[str, float]:
     """Share of dataset rows answered correctly (match grader), per language, in the rows' language order."""
     torch.set_num_threads(1)

@@ -119,7 +119,7 @@ def test_impossible_worlds_are_refused(config: dict, where: str) -> None:
 
 
 def test_impossible_models_are_refused() -> None:
-    with pytest.raises(XiciError, match="at least 3 layers"):
+    with pytest.raises(XiciError, match="at least 3 MoE layers"):
         ModelConfig(layers=2)
     with pytest.raises(XiciError, match="top-k"):
         ModelConfig(experts=4, top_k=5)
