@@ -19,7 +19,7 @@ MODEL, WORLD = ModelConfig(), WorldConfig()
 
 def _defaults(field: str) -> str:
     """A ModelConfig field's default per family, for the help text."""
-    return ", ".join(f"{arch} {getattr(ModelConfig.for_arch(arch), field)}" for arch in families())
+    return ", ".join(f"{arch} {getattr(ModelConfig(arch=arch), field)}" for arch in families())
 
 
 @click.group()
@@ -73,7 +73,7 @@ def build(
     """
     world_config = WorldConfig(n_entities=entities, n_languages=languages)
     given = {name: value for name, value in model_options.items() if value is not None}
-    model_config = ModelConfig.for_arch(arch, **given)
+    model_config = ModelConfig(arch=arch, **given)
     with progress_bar() as bar:
         task = bar.add_task("Training", total=model_config.steps)
         paths = build_testbed(

@@ -52,7 +52,7 @@ class Family:
     dense_layers: int = 0
     #: Whether the family has always-on shared experts (``--shared-experts``).
     shared_experts: bool = False
-    #: ModelConfig fields this family trains with unless the caller gives them.
+    #: What the ModelConfig fields that default to None (layers, steps) are for this family.
     defaults: dict[str, Any] = field(default_factory=dict)
 
 

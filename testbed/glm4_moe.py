@@ -91,5 +91,5 @@ FAMILY = Family(
     dense_layers=1,
     shared_experts=True,
     # Like the shipped Qwen3-MoE: four MoE layers (after the dense one); converges within 1,200 steps.
-    defaults={"layers": 5},
+    defaults={"layers": 5, "steps": 1200},
 )

@@ -47,4 +47,11 @@ def training(model: Qwen3MoeForCausalLM, config: ModelConfig) -> Iterator[Balanc
     yield BalanceLoss(config.router_aux_loss)
 
 
-FAMILY = Family(arch="qwen3-moe", model_class=Qwen3MoeForCausalLM, hf_config=hf_config, training=training)
+FAMILY = Family(
+    arch="qwen3-moe",
+    model_class=Qwen3MoeForCausalLM,
+    hf_config=hf_config,
+    training=training,
+    # The shipped checkpoint's (README.md, "Training").
+    defaults={"layers": 4, "steps": 1200},
+)

@@ -22,7 +22,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -45,10 +44,11 @@ SHIPPED = Path(__file__).parent / "checkpoint"
 class ModelConfig:
     """Architecture and optimisation of the testbed model (defaults: the shipped one, see README.md).
 
-    :meth:`for_arch` gives another family's defaults; constructing one directly keeps the shipped design's.
+    Fields left at None take the family's default (``arch``; :data:`xici.testbed.families.Family.defaults`).
     """
 
-    layers: int = 4
+    #: Decoder layers, dense ones included (None: qwen3-moe 4, glm4-moe 5).
+    layers: int | None = None
     hidden: int = 128
     heads: int = 4
     experts: int = 64
@@ -58,7 +58,8 @@ class ModelConfig:
     #: Standard deviation of the initial weights. With transformers' default 0.02 the model sat on the
     #: "predict the value distribution" plateau for most of the budget; 0.08 leaves it within ~300 steps.
     init_std: float = 0.08
-    steps: int = 1200
+    #: Optimizer steps (None: the family's default).
+    steps: int | None = None
     batch_size: int = 128
     #: Peak learning rate (AdamW, linear warm-up, cosine decay); 2e-3 and 3e-3 memorised slower or not at all.
     learning_rate: float = 1e-3
@@ -71,13 +72,11 @@ class ModelConfig:
     #: Selection-bias step per optimizer step, toward balanced load (families with a selection bias).
     bias_rate: float = 1e-3
 
-    @classmethod
-    def for_arch(cls, arch: str = "qwen3-moe", **fields: Any) -> ModelConfig:
-        """The configuration ``arch`` trains well with by default, with ``fields`` given by the caller."""
-        return cls(**{**family(arch).defaults, **fields, "arch": arch})
-
     def __post_init__(self) -> None:
         spec = family(self.arch)
+        for name, value in spec.defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.steps < 1 or self.batch_size < 1:
             raise XiciError("steps and batch size must be at least 1", where="--steps")
         if self.hidden % self.heads or (self.hidden // self.heads) % 2:

@@ -28,8 +28,16 @@ from xici.testbed.world import WorldConfig, generate_world
 from xici.warehouse import Lake
 
 torch.set_num_threads(1)
-SMALL_GLM = ModelConfig.for_arch(
-    "glm4-moe", layers=4, hidden=32, heads=2, experts=8, top_k=2, expert_width=16, steps=20, batch_size=16
+SMALL_GLM = ModelConfig(
+    arch="glm4-moe",
+    layers=4,
+    hidden=32,
+    heads=2,
+    experts=8,
+    top_k=2,
+    expert_width=16,
+    steps=20,
+    batch_size=16,
 )
 BIAS = "e_score_correction_bias"
 
@@ -130,13 +138,19 @@ def test_glm_testbed_is_recorded_and_ablated_like_glm_4_5_air(tmp_path: Path) ->
 )
 def test_impossible_family_options_are_refused(fields: dict, where: str) -> None:
     with pytest.raises(XiciError) as caught:
-        ModelConfig.for_arch(**fields)
+        ModelConfig(**fields)
     assert caught.value.where == where
 
 
-def test_qwen_stays_the_default_family() -> None:
-    assert next(iter(families())) == "qwen3-moe"
-    assert ModelConfig() == ModelConfig.for_arch("qwen3-moe")
+def test_each_family_fills_in_its_own_defaults() -> None:
+    assert next(iter(families())) == "qwen3-moe" == ModelConfig().arch
+    assert (ModelConfig().layers, ModelConfig().steps) == (4, 1200)  # the shipped checkpoint's
+    glm = ModelConfig(arch="glm4-moe", experts=64, top_k=8)
+    assert (glm.layers, glm.steps) == (
+        family("glm4-moe").defaults["layers"],
+        family("glm4-moe").defaults["steps"],
+    )
+    assert ModelConfig(arch="glm4-moe", layers=6).layers == 6
 
 
 @pytest.mark.parametrize(
