@@ -184,21 +184,33 @@ def test_counting_reads_no_array(recorded: Lake) -> None:
     assert stats.read == n_tokens(recorded, "seq_id <= 3")
 
 
-def test_explain_shows_the_filter_in_the_scan(recorded: Lake) -> None:
-    query = "select sum(weight) from token_gates where seq_id = 2 and layer < 2"
-    con = query_connection(recorded, query)
+def plan_nodes(lake: Lake, query: str) -> list[dict]:
+    """Every operator of ``query``'s plan on a query connection (EXPLAIN as JSON), depth first."""
+    con = query_connection(lake, query)
     try:
         plan = json.loads(con.execute(f"explain (format json) {query}").fetchall()[0][1])
     finally:
         con.close()
 
-    def scans(node: dict) -> list[dict]:
-        found = [node] if node["name"] in ("PYTHON_ARROW_SCAN", "TABLE_SCAN") else []
-        return found + [s for child in node["children"] for s in scans(child)]
+    def walk(node: dict) -> list[dict]:
+        return [node] + [n for child in node["children"] for n in walk(child)]
 
-    [scan] = [s for node in plan for s in scans(node)]
+    return [n for node in plan for n in walk(node)]
+
+
+def test_explain_shows_the_filter_in_the_scan(recorded: Lake) -> None:
+    nodes = plan_nodes(recorded, "select sum(weight) from token_gates where seq_id = 2 and layer < 2")
+    [scan] = [n for n in nodes if n["name"] in ("PYTHON_ARROW_SCAN", "TABLE_SCAN")]
     filters = " ".join(scan["extra_info"]["Filters"])
     assert '"seq_id" = 2' in filters and '"layer" < 2' in filters
+
+
+@pytest.mark.parametrize("column", ["layer", "expert"])
+def test_grouping_by_a_small_column_uses_a_perfect_hash_table(recorded: Lake, column: str) -> None:
+    """A scan gives DuckDB no statistics; grouping by layer or expert still indexes an array, as on
+    Parquet, instead of hashing (the connection's settings)."""
+    nodes = plan_nodes(recorded, f"select {column}, count(*), sum(weight) from token_gates group by all")
+    assert "PERFECT_HASH_GROUP_BY" in [n["name"] for n in nodes]
 
 
 def test_a_relation_can_be_named_any_number_of_times(recorded: Lake) -> None:

@@ -26,7 +26,7 @@ from xici.errors import XiciError
 from xici.warehouse.gates import DamagedGates, local_folder
 from xici.warehouse.lake import Lake
 from xici.warehouse.pushdown import sequence_restrictions
-from xici.warehouse.scan import TOKEN_RELATIONS, ScanStats
+from xici.warehouse.scan import DUCKDB_SETTINGS, TOKEN_RELATIONS, ScanStats
 
 # The warehouse's name in a query (catalog), as when the file is opened directly.
 CATALOG = "warehouse"
@@ -171,8 +171,10 @@ def query_connection(
     try:
         con.execute(f"use {CATALOG}")
         gates = local_folder(lake.gates_location)
-        _sandbox(con, [Path.cwd(), *([] if gates is None else [gates]), *allow_read], out)
         names = mentioned_relations(query)
+        for name, value in DUCKDB_SETTINGS.items() if names else ():
+            con.execute(f"set {name} = {value}")
+        _sandbox(con, [Path.cwd(), *([] if gates is None else [gates]), *allow_read], out)
         if names:
             _check_runs(lake, con, run_ids, names)
             # In the sandbox: this runs parts of the query.

@@ -78,6 +78,11 @@ TOKENS_PER_READ = 16384
 ROWS_PER_BATCH = 1 << 20
 # Reads prepared ahead of the one DuckDB is consuming (Zarr decodes outside the GIL).
 READ_AHEAD = 2
+# DuckDB settings for a connection that scans token relations. A Python source gives DuckDB no column
+# statistics, so it cannot tell that layer and expert (SMALLINT) hold few values and groups by them with its
+# general hash table (about twice the CPU of a `group by layer` on Parquet, whose statistics bound them);
+# perfect hash tables that may span a SMALLINT's whole range (16 bits and one for NULL) group them by index.
+DUCKDB_SETTINGS = {"perfect_ht_threshold": 17}
 
 
 @dataclass
