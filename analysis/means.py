@@ -1,25 +1,28 @@
 """Sequence and language means, materialised once per run so analyses never rescan Zarr.
 
-:func:`ensure_means` runs the SQL macro ``seq_means`` (sql/seq_means.sql) over the run's gate sums
-(sql/gate_sums.sql), taken while its ``token_gates`` are read from Zarr, into the table of the same name,
-then fills ``lang_means`` from the macro ``lang_means`` (sql/lang_means.sql). ``seq_means_builds`` records
-the run's sequence and token counts at build time; the next call compares them with the run as it is now,
-and rebuilds only when the run has changed (sequences are only ever appended, so the counts tell).
+:func:`ensure_means` fills the table ``seq_means`` with what the SQL macro ``seq_means``
+(sql/seq_means.sql) gives over the run's gate sums (sql/gate_sums.sql), then ``lang_means`` from the macro
+``lang_means`` (sql/lang_means.sql). ``seq_means_builds`` records the run's sequence and token counts at
+build time; the next call compares them with the run as it is now, and rebuilds only when the run has
+changed (sequences are only ever appended, so the counts tell).
 
-The run is aggregated and committed in parts of whole sequences, so memory stays at one part however
-large the run; the gate sums of a part are taken in numpy, in the integers gate_sums.sql adds, so the
-means have the same bits as the macros over every row of token_gates (tested) while some 40 times fewer
-rows reach DuckDB. The build record is written last, in the transaction that also fills ``lang_means``: a
-build interrupted midway leaves rows without a record, and the next call, finding no matching record,
-deletes them and starts over. So the means that analyses read are always complete.
+The rows of ``seq_means`` are computed while the run's gates are read from Zarr
+(:mod:`xici.analysis.means_kernel`, in the scan's threads, a read of whole sequences at a time) and
+streamed into one INSERT, so no row of ``token_gates`` is built and memory stays at a few reads however
+large the run. The kernel adds the weights as the same integers as gate_sums.sql and rounds and ranks as
+seq_means.sql does, so the means have the macros' bits (tested). The build record is written last, in the
+transaction that also fills ``lang_means``: a build interrupted midway leaves rows without a record (or
+none), and the next call, finding no matching record, deletes them and starts over. So the means that
+analyses read are always complete.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
+from functools import partial
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from xici.errors import XiciError
@@ -28,9 +31,18 @@ from xici.sql import apply_views
 from xici.warehouse import Lake
 from xici.warehouse.scan import ScanStats
 
-_SUMS_VIEW = "xici_gate_sums"
-# Gate sums per insert: fewer, larger statements cost less (about 1/5 less CPU than one per read).
-ROWS_PER_INSERT = 1 << 20
+_ROWS_VIEW = "xici_seq_means_rows"
+# The columns of seq_means after run_id, as means_kernel fills them.
+_ROWS = pa.schema(
+    [
+        ("seq_id", pa.int64()),
+        ("layer", pa.int16()),
+        ("expert", pa.int16()),
+        ("m", pa.float64()),
+        ("seq_rank", pa.int32()),
+        ("n_selected", pa.int32()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -110,22 +122,57 @@ def ensure_means(lake: Lake, run_id: int) -> bool:
 
 
 def _insert_seq_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo) -> None:
-    """Fill seq_means a part at a time: the macro over the gate sums of some whole sequences
-    (:meth:`TokenScan.gate_sums`, about ``ROWS_PER_INSERT`` of them), committed on its own."""
+    """Fill seq_means in one INSERT that DuckDB feeds from the rows of each read of the run as they are
+    computed (:meth:`TokenScan.per_read`), so reading and computing overlap with inserting."""
     stats = ScanStats()
     scan = lake.token_scan(con, "token_gates", run_ids=[info.run_id], stats=stats)
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"means of run {info.run_id}", total=info.n_tokens)
         stats.on_change = lambda s: bar.update(task, completed=s.read)
-        parts: list[pa.RecordBatch] = []
-        for part in itertools.chain(scan.gate_sums(), [None]):  # None: the end, insert the rest
-            if part is not None:
-                parts.append(part)
-            if parts and (part is None or sum(p.num_rows for p in parts) >= ROWS_PER_INSERT):
-                con.register(_SUMS_VIEW, pa.Table.from_batches(parts))
-                con.execute(f"insert into seq_means select * from seq_means('{_SUMS_VIEW}')")
-                con.unregister(_SUMS_VIEW)
-                parts = []
+        batches = scan.per_read(["topk_ids", "topk_weights"], partial(_seq_means_rows, info))
+        con.register(_ROWS_VIEW, pa.RecordBatchReader.from_batches(_ROWS, batches))
+        try:
+            con.execute(f"insert into seq_means select ?, * from {_ROWS_VIEW}", [info.run_id])
+        finally:
+            con.unregister(_ROWS_VIEW)
+
+
+def _seq_means_rows(
+    info: RunInfo, seq_ids: np.ndarray, lengths: np.ndarray, arrays: dict[str, np.ndarray]
+) -> pa.RecordBatch:
+    """The seq_means rows (less run_id) of whole sequences read at once."""
+    from xici.analysis.means_kernel import seq_means_rows  # numba: loaded only when means are built
+
+    ids, weights = arrays["topk_ids"], arrays["topk_weights"]
+    tokens = len(ids)
+    if tokens and int(ids.max()) >= info.n_experts:
+        raise XiciError(
+            f"run {info.run_id} routes a token to expert {int(ids.max())}, but its model has "
+            f"{info.n_experts} experts",
+            where=f"the gate store, sequences {int(seq_ids[0])} to {int(seq_ids[-1])}",
+            fix="re-record the run: its gate store does not match the run's model",
+        )
+    half = weights.dtype == np.float16
+    bound = min(len(seq_ids) * info.n_moe_layers * info.n_experts, ids.size)
+    out = [np.empty(bound, field.type.to_pandas_dtype()) for field in _ROWS]
+    rows = seq_means_rows(
+        ids.reshape(tokens, -1),
+        (weights.view(np.uint16) if half else weights).reshape(tokens, -1),
+        half,
+        info.n_experts,
+        info.top_k,
+        seq_ids,
+        lengths,
+        *out,
+    )
+    if rows < 0:
+        raise XiciError(
+            f"sequence {int(seq_ids[-1 - rows])} of run {info.run_id} has a gate weight that is not a "
+            "finite number, so its means are undefined",
+            where="the gate store",
+            fix="re-record the sequence's run",
+        )
+    return pa.RecordBatch.from_arrays([pa.array(a[:rows]) for a in out], schema=_ROWS)
 
 
 def weight_per_token(con: duckdb.DuckDBPyConnection, run_id: int) -> float | None:

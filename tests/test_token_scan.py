@@ -12,7 +12,6 @@ import pytest
 import torch
 from test_recorder_support import new_lake
 
-from xici.analysis import means
 from xici.analysis.means import ensure_means
 from xici.recorder.run import RecordSpec, record
 from xici.sql import apply_views
@@ -261,10 +260,9 @@ def test_sequences_far_apart_skip_the_chunks_between(synthetic: Lake) -> None:
 def test_means_have_the_macro_bits(
     which: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """seq_means built from numpy gate sums is bit for bit the macros over every row of token_gates, for
-    float32 weights (rounded to units of 2^-32) and float16 ones (whole units already), also when the run
-    is read and inserted in many small parts."""
-    monkeypatch.setattr(means, "ROWS_PER_INSERT", 5000)
+    """seq_means built by means_kernel as the gates are read is bit for bit the macros over every row of
+    token_gates, for float32 weights (rounded to units of 2^-32) and float16 ones (whole units already),
+    also when the run is read in many small parts."""
     monkeypatch.setattr(scan, "TOKENS_PER_READ", 1000)
     synthetic = request.getfixturevalue(which)
     with synthetic.connect(read_only=True) as con:
@@ -290,3 +288,15 @@ def test_float16_widened_by_bits_equals_numpy() -> None:
         widened = scan.float32(values)
         assert widened.dtype == np.float32
         assert np.array_equal(widened.view(np.uint32), values.astype(np.float32).view(np.uint32))
+
+
+def test_kernel_takes_every_float16_weight_in_exact_units() -> None:
+    """The means kernel reads a float16 weight's value from its bits: every finite bit pattern (zeros,
+    subnormals, negatives) gives the whole units of 2^-32 that gate_sums.sql rounds it to."""
+    from xici.analysis.means_kernel import _units
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    finite = every[np.isfinite(every.view(np.float16))]
+    expected = finite.view(np.float16).astype(np.float64) * 2.0**32  # whole numbers already
+    got = np.array([_units(int(bits), True) for bits in finite], dtype=np.int64)
+    assert np.array_equal(got, expected.astype(np.int64))

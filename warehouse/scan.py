@@ -339,57 +339,20 @@ class TokenScan(ArrowScanSource):
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def gate_sums(self) -> Iterator[pa.RecordBatch]:
-        """The macro ``gate_sums`` (sql/gate_sums.sql) over this token_gates, computed in numpy as the
-        arrays are read: one batch of whole sequences per read, some 40 times fewer rows than the gates.
-
-        The weights are rounded to whole units of 2^-32 as the macro rounds them (float16 weights are whole
-        units already) and the units added exactly (float64 holds every integer below 2^53), so the sums
-        are the macro's integers.
-        """
-        if self.name != "token_gates":
-            raise ValueError("gate sums are taken over token_gates")
+    def per_read(
+        self, fields: list[str], work: Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], T]
+    ) -> Iterator[T]:
+        """``work(seq_ids, lengths, arrays)`` for every read of a full scan, in order: whole sequences of
+        ``lengths`` tokens each, one after the other in ``arrays`` (the Zarr arrays ``fields``), done in
+        threads ahead of the consumer. For aggregates per sequence taken as the run is read (the means,
+        :mod:`xici.analysis.means`), without building rows for DuckDB."""
         plans = [self._plan(layout, []) for layout in self.layouts]
         self.stats._add(planned=sum(int(p.lengths.sum()) for p in plans), scans=1)
-        schema = pa.schema(
-            [
-                ("seq_id", pa.int64()),
-                ("layer", pa.int16()),
-                ("expert", pa.int16()),
-                ("weight_sum", pa.int64()),
-                ("n_selected", pa.int32()),
-            ]
-        )
 
-        def sums(plan: _Plan, which: np.ndarray, block: dict) -> pa.RecordBatch:
-            ids, weights = block["topk_ids"], block["topk_weights"]
-            n_layers, n_experts = ids.shape[1], int(ids.max(initial=0)) + 1
-            per_seq = n_layers * n_experts
-            # Group key of every row: (sequence in this read, layer, expert), in one pass over the ids.
-            offsets = np.repeat(np.arange(len(which)) * per_seq, plan.lengths[which])[:, None, None]
-            offsets = offsets + (np.arange(n_layers) * n_experts)[None, :, None]
-            key = np.add(ids, offsets, dtype=np.intp).reshape(-1)
-            if weights.dtype == np.float16:  # multiples of 2^-24: sum them, then scale (both exact)
-                sums = np.bincount(key, weights=float32(weights.reshape(-1))) * 2.0**32
-            else:  # SQL round(): halves away from 0
-                units = weights.reshape(-1).astype(np.float64) * 2.0**32
-                sums = np.bincount(key, weights=np.sign(units) * np.floor(np.abs(units) + 0.5))
-            counts = np.bincount(key)
-            groups = np.flatnonzero(counts)
-            seq, rest = np.divmod(groups, per_seq)
-            layer, expert = np.divmod(rest, n_experts)
-            return pa.RecordBatch.from_arrays(
-                [
-                    pa.array(plan.seq_ids[which][seq]),
-                    pa.array(layer.astype(np.int16)),
-                    pa.array(expert.astype(np.int16)),
-                    pa.array(sums[groups].astype(np.int64)),
-                    pa.array(counts[groups].astype(np.int32)),
-                ],
-                schema=schema,
-            )
+        def task(plan: _Plan, which: np.ndarray, block: dict[str, np.ndarray]) -> T:
+            return work(plan.seq_ids[which], plan.lengths[which], block)
 
-        yield from self._prepared(plans, ["topk_ids", "topk_weights"], sums)
+        yield from self._prepared(plans, fields, task)
 
     def _read(self, plan: _Plan, which: np.ndarray, fields: list[str]) -> tuple[_Plan, np.ndarray, dict]:
         """The wanted tokens of some sequences (one contiguous token span of one shard), per Zarr array."""
