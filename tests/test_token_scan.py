@@ -280,14 +280,19 @@ def test_means_have_the_macro_bits(
     assert built == direct  # m > 0 everywhere, so equal floats are equal bits
 
 
-def test_float16_widened_by_bits_equals_numpy() -> None:
+@pytest.mark.parametrize("flush_denormals", [False, True])
+def test_float16_widened_by_bits_equals_numpy(flush_denormals: bool) -> None:
     """Every float16 value (all bit patterns: subnormals, negatives, infinities, NaNs) widens to numpy's
-    float32, bit for bit."""
+    float32, bit for bit, also in a process that flushes denormals (the demo does)."""
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-    for values in (every, every[every >= 0], every[:0x7C00]):
-        widened = scan.float32(values)
-        assert widened.dtype == np.float32
-        assert np.array_equal(widened.view(np.uint32), values.astype(np.float32).view(np.uint32))
+    try:
+        assert torch.set_flush_denormal(flush_denormals)
+        for values in (every, every[every >= 0], every[:0x7C00], every[0x0400:0x7C00]):
+            widened = scan.float32(values)
+            assert widened.dtype == np.float32
+            assert np.array_equal(widened.view(np.uint32), values.astype(np.float32).view(np.uint32))
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def test_kernel_takes_every_float16_weight_in_exact_units() -> None:

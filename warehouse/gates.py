@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ import zarr
 import zarr.abc.store
 import zarr.core.buffer
 from fsspec.implementations.local import LocalFileSystem
-from zarr.codecs import BloscCodec, Crc32cCodec
+from numcodecs import blosc
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.sync import sync
 
 from xici.errors import XiciError, storage_error
@@ -373,6 +375,16 @@ class GateStore:
             problem = f"the array ends at token {length}, before the committed tokens do"
             raise DamagedGates(run_id, shard, name, (max(start, length), stop), problem, where)
         chunks = range(start // size, (stop - 1) // size + 1)
+        if _decodes_directly(array):
+            return _decoded(
+                array,
+                chunks,
+                start,
+                stop,
+                lambda index, problem: DamagedGates(
+                    run_id, shard, name, (index * size, min((index + 1) * size, length)), problem, where
+                ),
+            )
         for index, found in zip(chunks, self._chunks_exist(array, chunks), strict=True):
             if not found:
                 tokens = (index * size, min((index + 1) * size, length))
@@ -513,6 +525,76 @@ def _stored_bytes(store: zarr.abc.store.Store, keys: list[str]) -> list[bytes | 
     return sync(get())
 
 
+def _decodes_directly(array: zarr.Array) -> bool:
+    """Whether the chunks of ``array`` are what xici writes, decoded here without Zarr's machinery: whole
+    rows of the token axis, native little-endian bytes, Blosc, and the checksum when there is one."""
+    codecs = array.metadata.codecs
+    if isinstance(codecs[-1], Crc32cCodec):
+        codecs = codecs[:-1]
+    return (
+        len(codecs) == 2
+        and isinstance(codecs[0], BytesCodec)
+        and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder)
+        and isinstance(codecs[1], BloscCodec)
+        and array.dtype.isnative
+        and tuple(array.chunks[1:]) == tuple(array.shape[1:])
+    )
+
+
+def _decoded(
+    array: zarr.Array,
+    chunks: range,
+    start: int,
+    stop: int,
+    damage: Callable[[int, str], DamagedGates],
+) -> np.ndarray:
+    """Tokens ``[start, stop)`` of an array whose chunks :func:`_decodes_directly`: the chunks' bytes
+    fetched at once, each checked (existence, checksum, Blosc header) and decompressed straight into the
+    result (a chunk read in part through a scratch chunk). About a third less CPU than Zarr's indexing,
+    which decompresses into new buffers and copies them into the result; the same bytes."""
+    size = array.chunks[0]
+    out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
+    flat = out.reshape(-1).view(np.uint8)
+    row = flat.nbytes // (stop - start)
+    checksum = isinstance(array.metadata.codecs[-1], Crc32cCodec)
+    scratch = None
+    for index, blob in zip(
+        chunks, _stored_bytes(array.store_path.store, _chunk_keys(array, chunks)), strict=True
+    ):
+        if blob is None:
+            raise damage(index, f"chunk {index} is missing")
+        if checksum:
+            if not _checksum_holds(blob):
+                raise damage(
+                    index, f"chunk {index} does not decode (Stored and computed checksum do not match)"
+                )
+            blob = blob[:-4]
+        first, last = max(start, index * size), min(stop, (index + 1) * size)
+        if last - first == size:
+            target = flat[(first - start) * row : (last - start) * row]
+        else:
+            scratch = np.empty(size * row, dtype=np.uint8) if scratch is None else scratch
+            target = scratch
+        expected, stored, _ = blosc._cbuffer_sizes(blob)
+        try:
+            if (expected, stored) != (size * row, len(blob)):
+                raise ValueError(f"a Blosc header for {stored} bytes holding {expected}")
+            blosc.decompress(blob, target)
+        except (ValueError, RuntimeError) as exc:
+            raise damage(index, f"chunk {index} does not decode ({exc})") from None
+        if target is scratch:
+            offset = index * size
+            flat[(first - start) * row : (last - start) * row] = scratch[
+                (first - offset) * row : (last - offset) * row
+            ]
+    return out
+
+
+def _checksum_holds(blob: bytes) -> bool:
+    """Whether a stored chunk ends with the crc32c of the bytes before (Zarr's crc32c codec)."""
+    return len(blob) >= 4 and google_crc32c.value(blob[:-4]) == int.from_bytes(blob[-4:], "little")
+
+
 def _chunk_problem(
     array: zarr.Array, blob: bytes | None, tokens: tuple[int, int], checksum: bool
 ) -> str | None:
@@ -520,7 +602,7 @@ def _chunk_problem(
     if blob is None:
         return "is missing"
     if checksum:
-        if len(blob) < 4 or google_crc32c.value(blob[:-4]) != int.from_bytes(blob[-4:], "little"):
+        if not _checksum_holds(blob):
             return "fails its checksum"
         return None
     try:
