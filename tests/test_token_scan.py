@@ -17,6 +17,7 @@ from xici.recorder.run import RecordSpec, record
 from xici.sql import apply_views
 from xici.testbed.synthetic_lake import SyntheticSpec, write_synthetic_lake
 from xici.warehouse import Lake, scan
+from xici.warehouse.gates import sequence_positions
 from xici.warehouse.query import query_connection
 from xici.warehouse.scan import ScanStats
 
@@ -254,6 +255,43 @@ def test_sequences_far_apart_skip_the_chunks_between(synthetic: Lake) -> None:
     rows, stats = run(synthetic, query)
     assert [s for s, _ in rows] == [first, last]
     assert stats.read == n_tokens(synthetic, f"seq_id in ({first}, {last})") < 300
+
+
+@pytest.mark.parametrize("condition", ["true", "pos >= 3"])
+def test_reads_of_whole_chunks_keep_every_row(
+    synthetic: Lake, condition: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan reads whole chunks, one per read here, so sequences are split between reads: every row is
+    still the one the gate arrays hold, with its sequence and position."""
+    monkeypatch.setattr(scan, "TOKENS_PER_READ", 1)
+    query = f"select seq_id, pos, layer, expert, weight from token_gates where {condition} order by all"
+    stats = ScanStats()
+    con = query_connection(synthetic, query, stats=stats)
+    try:
+        got = con.execute(query).fetchnumpy()
+    finally:
+        con.close()
+    with synthetic.connect(read_only=True) as con:
+        seqs = con.execute(
+            "select seq_id, token_start, n_tokens from sequences order by token_start"
+        ).fetchnumpy()
+    gates = synthetic.gates(read_only=True)
+    arrays = gates.read(1, 0, int(seqs["n_tokens"].sum()))
+    _, layers, top_k = arrays.topk_ids.shape
+    pos = sequence_positions(seqs["n_tokens"])
+    keep = np.flatnonzero(pos >= (3 if "pos" in condition else 0))
+    width = layers * top_k
+    want = {
+        "seq_id": np.repeat(np.repeat(seqs["seq_id"], seqs["n_tokens"])[keep], width),
+        "pos": np.repeat(pos[keep], width),
+        "layer": np.tile(np.repeat(np.arange(layers), top_k), len(keep)),
+        "expert": arrays.topk_ids[keep].reshape(-1),
+        "weight": arrays.topk_weights[keep].reshape(-1).astype(np.float32),
+    }
+    order = np.lexsort([want[c] for c in ("expert", "layer", "pos", "seq_id")])
+    assert stats.read == len(keep) > 4 * 4096
+    for column, values in want.items():
+        assert np.array_equal(got[column], values[order]), column
 
 
 @pytest.mark.parametrize("which", ["synthetic", "recorded"])

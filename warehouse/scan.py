@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -302,28 +302,34 @@ class TokenScan(ArrowScanSource):
     ) -> Iterator[pa.RecordBatch]:
         fields = sorted({_SOURCES[self.name][c] for c in needed if c in _SOURCES[self.name]})
 
-        def rows(plan: _Plan, which: np.ndarray, block: dict) -> list[pa.RecordBatch]:
+        def rows(plan: _Plan, read: _Read, block: dict) -> list[pa.RecordBatch]:
             batches = []
-            for part in _split(plan, which, ROWS_PER_BATCH):
-                batch = self._rows(plan, part, which, block, needed)
+            tokens_per_batch = max(1, ROWS_PER_BATCH // _width(plan))
+            n = int(read.lengths.sum())
+            for first in range(0, n, tokens_per_batch):
+                batch = self._rows(plan, read, slice(first, min(first + tokens_per_batch, n)), block, needed)
                 if condition is not None:
                     batch = batch.filter(condition)
                 batches.append(batch.select(names))
             return batches
 
-        for batches in self._prepared(plans, fields, rows):
+        reads = ((plan, read) for plan in plans for read in _chunk_reads(plan, TOKENS_PER_READ))
+        for batches in self._prepared(reads, fields, rows):
             yield from batches
 
     def _prepared(
-        self, plans: list[_Plan], fields: list[str], work: Callable[[_Plan, np.ndarray, dict], T]
+        self,
+        reads: Iterable[tuple[_Plan, _Read]],
+        fields: list[str],
+        work: Callable[[_Plan, _Read, dict], T],
     ) -> Iterator[T]:
-        """``work(plan, which, arrays)`` for every read of the plans, in order, done in ``READ_AHEAD``
-        threads ahead of the consumer (Zarr decoding and most numpy work run outside the GIL)."""
+        """``work(plan, read, arrays)`` for every read, in order, done in ``READ_AHEAD`` threads ahead of the
+        consumer (Zarr decoding and most numpy work run outside the GIL)."""
 
-        def task(plan: _Plan, which: np.ndarray) -> tuple[int, T]:
-            return int(plan.lengths[which].sum()), work(*self._read(plan, which, fields))
+        def task(plan: _Plan, read: _Read) -> tuple[int, T]:
+            return int(read.lengths.sum()), work(plan, read, self._read(plan, read, fields))
 
-        reads = iter([(plan, which) for plan in plans for which in _reads(plan, TOKENS_PER_READ)])
+        reads = iter(reads)
         pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="xici-scan")
         pending = deque(pool.submit(task, *read) for read in itertools.islice(reads, READ_AHEAD))
         try:
@@ -349,27 +355,26 @@ class TokenScan(ArrowScanSource):
         plans = [self._plan(layout, []) for layout in self.layouts]
         self.stats._add(planned=sum(int(p.lengths.sum()) for p in plans), scans=1)
 
-        def task(plan: _Plan, which: np.ndarray, block: dict[str, np.ndarray]) -> T:
-            return work(plan.seq_ids[which], plan.lengths[which], block)
+        def task(plan: _Plan, read: _Read, block: dict[str, np.ndarray]) -> T:
+            return work(plan.seq_ids[read.seqs], read.lengths, block)
 
-        yield from self._prepared(plans, fields, task)
+        reads = ((plan, read) for plan in plans for read in _sequence_reads(plan, TOKENS_PER_READ))
+        yield from self._prepared(reads, fields, task)
 
-    def _read(self, plan: _Plan, which: np.ndarray, fields: list[str]) -> tuple[_Plan, np.ndarray, dict]:
-        """The wanted tokens of some sequences (one contiguous token span of one shard), per Zarr array."""
+    def _read(self, plan: _Plan, read: _Read, fields: list[str]) -> dict[str, np.ndarray]:
+        """The tokens of a read's pieces, one after the other, per Zarr array (layers and experts the plan
+        drops left out)."""
         if not fields:
-            return plan, which, {}
-        starts, lengths = plan.starts[which], plan.lengths[which]
-        lo, hi = int(starts[0]), int(starts[-1] + lengths[-1])
-        shard = int(plan.shards[which[0]])
+            return {}
         try:
             block = self.gates.read_fields(
-                plan.layout.run_id, lo, hi, fields, shard=None if shard < 0 else shard
+                plan.layout.run_id, read.lo, read.hi, fields, shard=None if read.shard < 0 else read.shard
             )
         except DamagedGates as exc:
-            raise exc.hitting(starts, lengths, plan.seq_ids[which], "seq_id") from None
-        # Drop the tokens between the wanted ones, unless there are none.
-        take = np.repeat(starts - lo, lengths) + sequence_positions(lengths)
-        if len(take) == hi - lo:
+            raise exc.hitting(read.starts, read.lengths, plan.seq_ids[read.seqs], "seq_id") from None
+        # Drop the tokens between the pieces, unless there are none.
+        take = np.repeat(read.starts - read.lo, read.lengths) + sequence_positions(read.lengths)
+        if len(take) == read.hi - read.lo:
             take = None
         values = {}
         for name, array in block.items():
@@ -380,24 +385,23 @@ class TokenScan(ArrowScanSource):
             if name == "router_logits" and len(plan.experts) < array.shape[2]:
                 array = array[:, :, plan.experts]
             values[name] = array
-        return plan, which, values
+        return values
 
-    def _rows(
-        self, plan: _Plan, part: slice, which: np.ndarray, block: dict, needed: set[str]
-    ) -> pa.RecordBatch:
-        """The Arrow rows of sequences ``which[part]``, with the columns in ``needed`` only."""
-        seqs = which[part]
-        lengths = plan.lengths[seqs]
-        offsets = np.concatenate([[0], np.cumsum(plan.lengths[which])])
-        tokens = slice(int(offsets[part.start]), int(offsets[part.stop]))
-        n = int(lengths.sum())
+    def _rows(self, plan: _Plan, read: _Read, tokens: slice, block: dict, needed: set[str]) -> pa.RecordBatch:
+        """The Arrow rows of the read's wanted tokens ``tokens`` (a slice of its pieces laid one after the
+        other), with the columns in ``needed`` only."""
+        n = tokens.stop - tokens.start
         per_layer = _per_layer(plan)
-        width = 1 if plan.layers is None else len(plan.layers) * per_layer
+        width = _width(plan)
         columns: dict[str, np.ndarray] = {}
         if "seq_id" in needed:
-            columns["seq_id"] = np.repeat(np.repeat(plan.seq_ids[seqs], lengths), width)
+            seq_ids = np.repeat(plan.seq_ids[read.seqs], read.lengths)[tokens]
+            columns["seq_id"] = np.repeat(seq_ids, width)
         if "pos" in needed:
-            columns["pos"] = np.repeat(sequence_positions(lengths) + np.int32(plan.first_pos), width)
+            # A piece may start inside its sequence (a read starts at a chunk boundary).
+            into = (read.starts - plan.starts[read.seqs]).astype(np.int32) + np.int32(plan.first_pos)
+            pos = (np.repeat(into, read.lengths) + sequence_positions(read.lengths))[tokens]
+            columns["pos"] = np.repeat(pos, width)
         if "layer" in needed:
             columns["layer"] = np.tile(np.repeat(plan.layers.astype(np.int16), per_layer), n)
         if "expert" in needed:
@@ -430,6 +434,20 @@ class _Plan:
     layers: np.ndarray | None
     experts: np.ndarray | None
     pos_exact: bool  # the positions kept are those from first_pos on, all of them
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One Zarr read: tokens ``[lo, hi)`` of one shard (-1: the run's own arrays), and the pieces of planned
+    sequences in it (``seqs`` indexes the plan's sequences; a piece is a whole sequence or, in a read of
+    whole chunks, the part of one that lies in them), in token order."""
+
+    shard: int
+    lo: int
+    hi: int
+    seqs: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
 
 
 def float32(values: np.ndarray) -> np.ndarray:
@@ -474,9 +492,10 @@ def _mentions(node: Node, column: str) -> bool:
     return any(_mentions(child, column) for child in node._children())
 
 
-def _reads(plan: _Plan, tokens_per_read: int) -> Iterator[np.ndarray]:
-    """The planned sequences in groups read at once: one shard, at most ``tokens_per_read`` tokens spanned
-    (one sequence at least), and no chunk inside that holds none of their tokens (it is not read)."""
+def _sequence_reads(plan: _Plan, tokens_per_read: int) -> Iterator[_Read]:
+    """The planned sequences, whole, in groups read at once: one shard, at most ``tokens_per_read`` tokens
+    spanned (one sequence at least), and no chunk inside that holds none of their tokens (it is not read).
+    A chunk shared by two groups is decoded by both."""
     order = np.lexsort((plan.starts, plan.shards))
     size = plan.layout.chunk_tokens
     i = 0
@@ -493,19 +512,50 @@ def _reads(plan: _Plan, tokens_per_read: int) -> Iterator[np.ndarray]:
             ):
                 break
             j += 1
-        yield order[i:j]
-        i = j
-
-
-def _split(plan: _Plan, which: np.ndarray, rows_per_batch: int) -> Iterator[slice]:
-    """Slices of ``which`` (whole sequences) of about ``rows_per_batch`` rows each."""
-    width = 1 if plan.layers is None else len(plan.layers) * _per_layer(plan)
-    tokens_per_batch = max(1, rows_per_batch // max(width, 1))
-    ends = np.cumsum(plan.lengths[which])
-    i = 0
-    while i < len(which):
-        j = max(
-            i + 1, int(np.searchsorted(ends, ends[i] - plan.lengths[which[i]] + tokens_per_batch, "right"))
+        which = order[i:j]
+        starts, lengths = plan.starts[which], plan.lengths[which]
+        yield _Read(
+            int(plan.shards[first]), int(starts[0]), int(starts[-1] + lengths[-1]), which, starts, lengths
         )
-        yield slice(i, j)
         i = j
+
+
+def _chunk_reads(plan: _Plan, tokens_per_read: int) -> Iterator[_Read]:
+    """The planned tokens in reads of whole chunks: every chunk that holds some is read once, in runs of
+    neighbouring chunks of at most ``tokens_per_read`` tokens (one chunk at least); chunks that hold none are
+    not read. A sequence that crosses a read's edge is split between two reads, so for queries on rows (not
+    per sequence)."""
+    size = plan.layout.chunk_tokens
+    per_read = max(1, tokens_per_read // size)
+    for shard in np.unique(plan.shards):
+        seqs = np.flatnonzero(plan.shards == shard)
+        seqs = seqs[np.argsort(plan.starts[seqs], kind="stable")]
+        starts = plan.starts[seqs]
+        ends = starts + plan.lengths[seqs]
+        # Chunks holding planned tokens: each sequence covers those from its first to its last token's.
+        first, last = starts // size, (ends - 1) // size
+        cover = np.zeros(int(last.max(initial=-1)) + 2, dtype=np.int64)
+        np.add.at(cover, first, 1)
+        np.add.at(cover, last + 1, -1)
+        wanted = np.flatnonzero(np.cumsum(cover) > 0)
+        # Runs of neighbouring chunks, cut into reads.
+        breaks = np.flatnonzero(np.diff(wanted) > 1) + 1
+        for run in np.split(wanted, breaks):
+            for k in range(0, len(run), per_read):
+                lo, hi = int(run[k]) * size, (int(run[min(k + per_read, len(run)) - 1]) + 1) * size
+                i, j = np.searchsorted(ends, lo, "right"), np.searchsorted(starts, hi, "left")
+                piece_starts = np.maximum(starts[i:j], lo)
+                piece_ends = np.minimum(ends[i:j], hi)
+                yield _Read(
+                    int(shard),
+                    int(piece_starts[0]),
+                    int(piece_ends[-1]),
+                    seqs[i:j],
+                    piece_starts,
+                    piece_ends - piece_starts,
+                )
+
+
+def _width(plan: _Plan) -> int:
+    """Rows per token: layers kept times the experts kept (token_logits) or the top-k (token_gates)."""
+    return 1 if plan.layers is None else len(plan.layers) * _per_layer(plan)
