@@ -1,23 +1,24 @@
 """Sequence and language means, materialised once per run so analyses never rescan Zarr.
 
-:func:`ensure_means` fills the table ``seq_means`` with what the SQL macro ``seq_means``
-(sql/seq_means.sql) gives over the run's gate sums (sql/gate_sums.sql), then ``lang_means`` from the macro
-``lang_means`` (sql/lang_means.sql). ``seq_means_builds`` records the run's sequence and token counts at
-build time; the next call compares them with the run as it is now, and rebuilds only when the run has
-changed (sequences are only ever appended, so the counts tell).
+:func:`ensure_means` fills the tables ``seq_means`` and ``lang_means`` with what the SQL macros of the
+same names (sql/seq_means.sql, sql/lang_means.sql) give over the run's gate sums (sql/gate_sums.sql).
+``seq_means_builds`` records the run's sequence and token counts at build time; the next call compares
+them with the run as it is now, and rebuilds only when the run has changed (sequences are only ever
+appended, so the counts tell).
 
 The rows of ``seq_means`` are computed while the run's gates are read from Zarr
 (:mod:`xici.analysis.means_kernel`, in the scan's threads, a read of whole sequences at a time) and
 streamed into one INSERT, so no row of ``token_gates`` is built and memory stays at a few reads however
 large the run. The kernel adds the weights as the same integers as gate_sums.sql and rounds and ranks as
-seq_means.sql does, so the means have the macros' bits (tested). The build record is written last, in the
-transaction that also fills ``lang_means``: a build interrupted midway leaves rows without a record (or
-none), and the next call, finding no matching record, deletes them and starts over. So the means that
-analyses read are always complete.
+seq_means.sql does, and adds up the language means on the way, so the means have the macros' bits
+(tested). A build is one transaction: the old means deleted, the new ones and the build record inserted,
+all of it or none (an interrupted build leaves the means it found), so the means that analyses read are
+always complete and match their record.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,7 +32,8 @@ from xici.sql import apply_views
 from xici.warehouse import Lake
 from xici.warehouse.scan import ScanStats
 
-_ROWS_VIEW = "xici_seq_means_rows"
+UNITS = 4294967296.0  # 2^32: m is a multiple of 2^-32 (seq_means.sql)
+_ROWS_VIEW = "xici_means_rows"
 # The columns of seq_means after run_id, as means_kernel fills them.
 _ROWS = pa.schema(
     [
@@ -92,55 +94,107 @@ def run_info(con: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
 def ensure_means(lake: Lake, run_id: int) -> bool:
     """Build the run's means unless they match the run as it is now; returns whether they were built."""
 
-    def stale(con: duckdb.DuckDBPyConnection) -> RunInfo | None:
-        """The run's info when its means must be built (the old ones deleted), None when they are current."""
+    def build(con: duckdb.DuckDBPyConnection) -> bool:
         apply_views(con)
         info = run_info(con, run_id)
         built = con.execute(
             "select n_sequences, n_tokens from seq_means_builds where run_id = ?", [run_id]
         ).fetchall()
         if built == [(info.n_sequences, info.n_tokens)]:
-            return None
+            return False
         for table in ("seq_means", "lang_means", "seq_means_builds"):
             con.execute(f"delete from {table} where run_id = ?", [run_id])
-        return info
-
-    info = lake.write(stale)
-    if info is None:
-        return False
-    lake.write(lambda con: _insert_seq_means(lake, con, info), atomic=False)
-
-    def finish(con: duckdb.DuckDBPyConnection) -> None:
-        con.execute("insert into lang_means select * from lang_means(?)", [run_id])
+        languages = _insert_seq_means(lake, con, info)
+        con.register(_ROWS_VIEW, languages.rows())
+        try:
+            con.execute(f"insert into lang_means select ?, * from {_ROWS_VIEW}", [run_id])
+        finally:
+            con.unregister(_ROWS_VIEW)
         con.execute(
             "insert into seq_means_builds (run_id, n_sequences, n_tokens) values (?, ?, ?)",
             [run_id, info.n_sequences, info.n_tokens],
         )
+        return True
 
-    lake.write(finish)
-    return True
+    return lake.write(build)
 
 
-def _insert_seq_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo) -> None:
+class _Languages:
+    """The run's languages, and its language means added up read after read (means_kernel)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, info: RunInfo) -> None:
+        seqs = con.execute(
+            "select seq_id, lang from sequences where run_id = ? order by seq_id", [info.run_id]
+        ).fetchnumpy()
+        self.seq_ids = seqs["seq_id"].astype(np.int64)
+        self.names, self.of_seq, self.sizes = np.unique(
+            seqs["lang"].astype(str), return_inverse=True, return_counts=True
+        )
+        self.n_experts = info.n_experts
+        self.bins = info.n_moe_layers * info.n_experts
+        self.units = np.zeros(len(self.names) * self.bins, np.int64)
+        self.frequency = np.zeros(len(self.names) * self.bins, np.float64)
+
+    def of(self, seq_ids: np.ndarray) -> np.ndarray:
+        """The language (an index into ``names``) of each of ``seq_ids``."""
+        return self.of_seq[np.searchsorted(self.seq_ids, seq_ids)].astype(np.int64)
+
+    def add(self, units: np.ndarray, frequency: np.ndarray) -> None:
+        self.units += units
+        self.frequency += frequency
+
+    def rows(self) -> pa.Table:
+        """The lang_means rows (less run_id), as sql/lang_means.sql gives them: non-zero means only."""
+        present = np.flatnonzero(self.units)
+        lang, rest = np.divmod(present, self.bins)
+        layer, expert = np.divmod(rest, self.n_experts)
+        sizes = self.sizes[lang].astype(np.float64)
+        return pa.table(
+            {
+                "lang": pa.array(self.names[lang]),
+                "layer": layer.astype(np.int16),
+                "expert": expert.astype(np.int16),
+                "mean": self.units[present] / UNITS / sizes,
+                "frequency": self.frequency[present] / sizes,
+            }
+        )
+
+
+def _insert_seq_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo) -> _Languages:
     """Fill seq_means in one INSERT that DuckDB feeds from the rows of each read of the run as they are
-    computed (:meth:`TokenScan.per_read`), so reading and computing overlap with inserting."""
+    computed (:meth:`TokenScan.per_read`), so reading and computing overlap with inserting; returns the
+    language means added up on the way."""
     stats = ScanStats()
     scan = lake.token_scan(con, "token_gates", run_ids=[info.run_id], stats=stats)
+    languages = _Languages(con, info)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for rows, units, frequency in scan.per_read(
+            ["topk_ids", "topk_weights"], partial(_seq_means_rows, info, languages)
+        ):
+            languages.add(units, frequency)  # in read order: the same sums every time
+            yield rows
+
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"means of run {info.run_id}", total=info.n_tokens)
         stats.on_change = lambda s: bar.update(task, completed=s.read)
-        batches = scan.per_read(["topk_ids", "topk_weights"], partial(_seq_means_rows, info))
-        con.register(_ROWS_VIEW, pa.RecordBatchReader.from_batches(_ROWS, batches))
+        con.register(_ROWS_VIEW, pa.RecordBatchReader.from_batches(_ROWS, batches()))
         try:
             con.execute(f"insert into seq_means select ?, * from {_ROWS_VIEW}", [info.run_id])
         finally:
             con.unregister(_ROWS_VIEW)
+    return languages
 
 
 def _seq_means_rows(
-    info: RunInfo, seq_ids: np.ndarray, lengths: np.ndarray, arrays: dict[str, np.ndarray]
-) -> pa.RecordBatch:
-    """The seq_means rows (less run_id) of whole sequences read at once."""
+    info: RunInfo,
+    languages: _Languages,
+    seq_ids: np.ndarray,
+    lengths: np.ndarray,
+    arrays: dict[str, np.ndarray],
+) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
+    """The seq_means rows (less run_id) of whole sequences read at once, and their language means
+    (unscaled sums, per language, layer and expert)."""
     from xici.analysis.means_kernel import seq_means_rows  # numba: loaded only when means are built
 
     ids, weights = arrays["topk_ids"], arrays["topk_weights"]
@@ -153,8 +207,9 @@ def _seq_means_rows(
             fix="re-record the run: its gate store does not match the run's model",
         )
     half = weights.dtype == np.float16
-    bound = min(len(seq_ids) * info.n_moe_layers * info.n_experts, ids.size)
+    bound = min(len(seq_ids) * languages.bins, ids.size)
     out = [np.empty(bound, field.type.to_pandas_dtype()) for field in _ROWS]
+    units, frequency = np.zeros_like(languages.units), np.zeros_like(languages.frequency)
     rows = seq_means_rows(
         ids.reshape(tokens, -1),
         (weights.view(np.uint16) if half else weights).reshape(tokens, -1),
@@ -163,6 +218,9 @@ def _seq_means_rows(
         info.top_k,
         seq_ids,
         lengths,
+        languages.of(seq_ids),
+        units,
+        frequency,
         *out,
     )
     if rows < 0:
@@ -172,7 +230,7 @@ def _seq_means_rows(
             where="the gate store",
             fix="re-record the sequence's run",
         )
-    return pa.RecordBatch.from_arrays([pa.array(a[:rows]) for a in out], schema=_ROWS)
+    return pa.RecordBatch.from_arrays([pa.array(a[:rows]) for a in out], schema=_ROWS), units, frequency
 
 
 def weight_per_token(con: duckdb.DuckDBPyConnection, run_id: int) -> float | None:

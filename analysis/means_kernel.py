@@ -1,10 +1,15 @@
-"""The rows of ``seq_means`` for the sequences of one read of a run's gates, compiled with numba.
+"""The rows of ``seq_means`` for the sequences of one read of a run's gates, and their share of
+``lang_means``, compiled with numba.
 
-sql/gate_sums.sql then sql/seq_means.sql over every row of ``token_gates`` is the definition; this is the
-same arithmetic in one pass over the arrays as Zarr returns them, without building the rows: per sequence,
-each weight's whole units of 2^-32 added into (layer, expert) bins as integers, ``m = round(sum / tokens)``
-in those units (halves away from zero, as DuckDB's ``round``), and ``rank()`` of m within the sequence.
-The integers are exact in any order, so the rows have the macros' bits (tests/test_token_scan.py checks).
+sql/gate_sums.sql, sql/seq_means.sql and sql/lang_means.sql over every row of ``token_gates`` are the
+definition; this is the same arithmetic in one pass over the arrays as Zarr returns them, without building
+the rows: per sequence, each weight's whole units of 2^-32 added into (layer, expert) bins as integers,
+``m = round(sum / tokens)`` in those units (halves away from zero, as DuckDB's ``round``), ``rank()`` of m
+within the sequence; per language, the integers m and the frequencies ``n_selected / tokens`` added up.
+The integers are exact in any order, so seq_means and the language means have the macros' bits
+(tests/test_token_scan.py checks); the frequencies are sums of floats, added in a fixed order here (sequence
+after sequence within a read, then read after read) and in whatever order DuckDB's threads take in the
+macro, so those two agree to the last few bits.
 
 Kept apart from :mod:`xici.analysis.means` so that importing numba and loading the compiled code (cached
 beside this file, or in the user's cache where that is read-only) happens only when means are built.
@@ -15,7 +20,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-UNITS = 4294967296.0  # 2^32: m is stored as a multiple of 2^-32
+from xici.analysis.means import UNITS
 
 
 @numba.njit(inline="always")
@@ -41,6 +46,9 @@ def seq_means_rows(
     top_k: int,
     seq_ids: np.ndarray,
     lengths: np.ndarray,
+    langs: np.ndarray,
+    lang_units: np.ndarray,
+    lang_frequency: np.ndarray,
     out_seq: np.ndarray,
     out_layer: np.ndarray,
     out_expert: np.ndarray,
@@ -49,8 +57,10 @@ def seq_means_rows(
     out_selected: np.ndarray,
 ) -> int:
     """Fill the ``out_*`` arrays with the seq_means rows of the sequences ``seq_ids`` (``lengths`` tokens
-    each, one after the other in ``ids`` and ``weights``, shaped [tokens, layers * top_k]); returns how
-    many rows, or ``-1 - i`` when sequence i holds a weight that is not a finite number."""
+    each, one after the other in ``ids`` and ``weights``, shaped [tokens, layers * top_k]) and add each
+    row's m (whole units of 2^-32) and frequency into the bins of its language (``langs``, an index per
+    sequence) in ``lang_units`` and ``lang_frequency`` ([languages * layers * experts]); returns how many
+    rows, or ``-1 - i`` when sequence i holds a weight that is not a finite number."""
     width = ids.shape[1]
     per_seq = (width // top_k) * n_experts
     column_bin = np.empty(width, np.int64)
@@ -98,6 +108,9 @@ def seq_means_rows(
             out_m[row] = rounded[o] / UNITS
             out_rank[row] = rank
             out_selected[row] = selected[b]
+            lang_bin = langs[s] * per_seq + b
+            lang_units[lang_bin] += rounded[o]
+            lang_frequency[lang_bin] += selected[b] / n
         rows += kept
         sums[:] = 0
         selected[:] = 0

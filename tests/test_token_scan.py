@@ -298,9 +298,9 @@ def test_reads_of_whole_chunks_keep_every_row(
 def test_means_have_the_macro_bits(
     which: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """seq_means built by means_kernel as the gates are read is bit for bit the macros over every row of
-    token_gates, for float32 weights (rounded to units of 2^-32) and float16 ones (whole units already),
-    also when the run is read in many small parts."""
+    """seq_means and lang_means built by means_kernel as the gates are read are bit for bit the macros over
+    every row of token_gates, for float32 weights (rounded to units of 2^-32) and float16 ones (whole
+    units already), also when the run is read in many small parts."""
     monkeypatch.setattr(scan, "TOKENS_PER_READ", 1000)
     synthetic = request.getfixturevalue(which)
     with synthetic.connect(read_only=True) as con:
@@ -316,6 +316,14 @@ def test_means_have_the_macro_bits(
     )
     assert len(built) > 100
     assert built == direct  # m > 0 everywhere, so equal floats are equal bits
+    # lang_means from the kernel's sums: the macro's bits for the mean (sums of multiples of 2^-32); the
+    # frequency is a sum of floats, which the macro adds in whatever order DuckDB's threads take.
+    columns = "lang, layer, expert, mean, frequency"
+    built, _ = run(synthetic, f"select {columns} from lang_means order by all")
+    direct, _ = run(synthetic, f"select {columns} from lang_means({run_id}) order by all")
+    assert len(built) > 50
+    assert [row[:4] for row in built] == [row[:4] for row in direct]
+    assert [row[4] for row in built] == pytest.approx([row[4] for row in direct], rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize("flush_denormals", [False, True])
