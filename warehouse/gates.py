@@ -514,13 +514,14 @@ def _chunk_keys(array: zarr.Array, chunks: range) -> list[str]:
     return [f"{array.store_path.path}/{array.metadata.encode_chunk_key((i, *tail))}" for i in chunks]
 
 
-def _stored_bytes(store: zarr.abc.store.Store, keys: list[str]) -> list[bytes | None]:
-    """The bytes stored under each key (None where there is none)."""
+def _stored_bytes(store: zarr.abc.store.Store, keys: list[str]) -> list[np.ndarray | None]:
+    """The bytes stored under each key, as uint8 arrays over the buffers read (not copied; None where
+    there is none)."""
     prototype = zarr.core.buffer.default_buffer_prototype()
 
-    async def get() -> list[bytes | None]:
+    async def get() -> list[np.ndarray | None]:
         found = await asyncio.gather(*(store.get(key, prototype=prototype) for key in keys))
-        return [None if buffer is None else buffer.to_bytes() for buffer in found]
+        return [None if buffer is None else buffer.as_numpy_array() for buffer in found]
 
     return sync(get())
 
@@ -590,13 +591,13 @@ def _decoded(
     return out
 
 
-def _checksum_holds(blob: bytes) -> bool:
+def _checksum_holds(blob: np.ndarray) -> bool:
     """Whether a stored chunk ends with the crc32c of the bytes before (Zarr's crc32c codec)."""
     return len(blob) >= 4 and google_crc32c.value(blob[:-4]) == int.from_bytes(blob[-4:], "little")
 
 
 def _chunk_problem(
-    array: zarr.Array, blob: bytes | None, tokens: tuple[int, int], checksum: bool
+    array: zarr.Array, blob: np.ndarray | None, tokens: tuple[int, int], checksum: bool
 ) -> str | None:
     """What is wrong with a stored chunk (None: nothing): missing, a failed checksum, or no decoding."""
     if blob is None:

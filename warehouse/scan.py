@@ -25,6 +25,7 @@ public ``register`` takes only pyarrow and pandas objects, so the scan is regist
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -301,13 +302,16 @@ class TokenScan(ArrowScanSource):
         self, plans: list[_Plan], needed: set[str], names: list[str], condition: object
     ) -> Iterator[pa.RecordBatch]:
         fields = sorted({_SOURCES[self.name][c] for c in needed if c in _SOURCES[self.name]})
+        columns = _Columns()
 
         def rows(plan: _Plan, read: _Read, block: dict) -> list[pa.RecordBatch]:
-            batches = []
-            tokens_per_batch = max(1, ROWS_PER_BATCH // _width(plan))
+            # Batches of about equal size, at most _tokens_per_batch tokens each.
             n = int(read.lengths.sum())
-            for first in range(0, n, tokens_per_batch):
-                batch = self._rows(plan, read, slice(first, min(first + tokens_per_batch, n)), block, needed)
+            size = -(-n // -(-n // _tokens_per_batch(plan)))
+            batches = []
+            for first in range(0, n, size):
+                part = slice(first, min(first + size, n))
+                batch = self._rows(plan, read, part, block, needed, columns)
                 if condition is not None:
                     batch = batch.filter(condition)
                 batches.append(batch.select(names))
@@ -387,38 +391,102 @@ class TokenScan(ArrowScanSource):
             values[name] = array
         return values
 
-    def _rows(self, plan: _Plan, read: _Read, tokens: slice, block: dict, needed: set[str]) -> pa.RecordBatch:
+    def _rows(
+        self, plan: _Plan, read: _Read, tokens: slice, block: dict, needed: set[str], columns: _Columns
+    ) -> pa.RecordBatch:
         """The Arrow rows of the read's wanted tokens ``tokens`` (a slice of its pieces laid one after the
         other), with the columns in ``needed`` only."""
         n = tokens.stop - tokens.start
-        per_layer = _per_layer(plan)
         width = _width(plan)
-        columns: dict[str, np.ndarray] = {}
+        rows = n * width
+        capacity = _tokens_per_batch(plan) * width
+
+        def each_row(values: np.ndarray) -> Callable[[np.ndarray], None]:
+            """Fill a column with one value per token, repeated on the token's rows."""
+            return lambda out: out.reshape(n, width).__setitem__(slice(None), values[:, None])
+
+        def copied(values: np.ndarray) -> Callable[[np.ndarray], None]:
+            return lambda out: np.copyto(out, values, casting="unsafe")
+
+        arrays: dict[str, pa.Array] = {}
         if "seq_id" in needed:
             seq_ids = np.repeat(plan.seq_ids[read.seqs], read.lengths)[tokens]
-            columns["seq_id"] = np.repeat(seq_ids, width)
+            arrays["seq_id"] = columns.filled(np.int64, rows, capacity, each_row(seq_ids))
         if "pos" in needed:
             # A piece may start inside its sequence (a read starts at a chunk boundary).
             into = (read.starts - plan.starts[read.seqs]).astype(np.int32) + np.int32(plan.first_pos)
             pos = (np.repeat(into, read.lengths) + sequence_positions(read.lengths))[tokens]
-            columns["pos"] = np.repeat(pos, width)
+            arrays["pos"] = columns.filled(np.int32, rows, capacity, each_row(pos))
         if "layer" in needed:
-            columns["layer"] = np.tile(np.repeat(plan.layers.astype(np.int16), per_layer), n)
+            per_token = np.repeat(plan.layers.astype(np.int16), _per_layer(plan))
+            arrays["layer"] = columns.repeated(plan, "layer", per_token, n)
         if "expert" in needed:
-            columns["expert"] = (
-                np.tile(plan.experts.astype(np.int16), n * len(plan.layers))
-                if self.name == "token_logits"
-                else block["topk_ids"][tokens].reshape(-1).astype(np.int16)
-            )
+            if self.name == "token_logits":
+                per_token = np.tile(plan.experts.astype(np.int16), len(plan.layers))
+                arrays["expert"] = columns.repeated(plan, "expert", per_token, n)
+            else:
+                ids = block["topk_ids"][tokens].reshape(-1)
+                arrays["expert"] = columns.filled(np.int16, rows, capacity, copied(ids))
         for column, source in _SOURCES[self.name].items():
             if column in needed and column != "expert":
                 values = block[source][tokens].reshape(-1)
-                wide = column in ("weight", "logit")
-                columns[column] = float32(values) if wide else values.astype(np.int32)
-        schema = pa.schema([f for f in self.schema if f.name in columns])
-        return pa.RecordBatch.from_arrays(
-            [pa.array(columns[f.name], type=f.type) for f in schema], schema=schema
-        )
+                if column in ("weight", "logit"):
+                    arrays[column] = columns.filled(
+                        np.float32, rows, capacity, lambda out, values=values: float32(values, out)
+                    )
+                else:
+                    arrays[column] = columns.filled(np.int32, rows, capacity, copied(values))
+        schema = pa.schema([f for f in self.schema if f.name in arrays])
+        return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+
+class _Columns:
+    """Memory for the Arrow columns of one stream. Columns are built into buffers that come back when DuckDB
+    releases the batch, for the next batches: fresh memory for every batch costs page faults and zeroing
+    (about a seventh of a full scan's CPU). Columns that repeat from token to token (layer; expert of
+    token_logits) are built once per plan and shared."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[str, int], list[np.ndarray]] = {}
+        self._repeated: dict[tuple[int, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def filled(self, dtype: type, rows: int, capacity: int, fill: Callable[[np.ndarray], object]) -> pa.Array:
+        """A column of ``rows`` values of ``dtype`` that ``fill(out)`` writes, in a buffer of ``capacity``."""
+        key = (np.dtype(dtype).str, capacity)
+        with self._lock:
+            free = self._free.get(key)
+            buffer = free.pop() if free else None
+        if buffer is None:
+            buffer = np.empty(capacity, dtype=dtype)
+        fill(buffer[:rows])
+        lease = _Lease(self, key, buffer)
+        data = pa.foreign_buffer(buffer.ctypes.data, rows * buffer.itemsize, base=lease)
+        return pa.Array.from_buffers(pa.from_numpy_dtype(buffer.dtype), rows, [None, data])
+
+    def repeated(self, plan: _Plan, name: str, per_token: np.ndarray, n: int) -> pa.Array:
+        """The column whose values are ``per_token`` for each of ``n`` tokens."""
+        key = (id(plan), name)
+        tiled = self._repeated.get(key)
+        if tiled is None:
+            tiled = self._repeated.setdefault(key, np.tile(per_token, _tokens_per_batch(plan)))
+        return pa.array(tiled[: n * len(per_token)])
+
+    def _give_back(self, key: tuple[str, int], buffer: np.ndarray) -> None:
+        with self._lock:
+            self._free.setdefault(key, []).append(buffer)
+
+
+class _Lease:
+    """Holds a buffer of :class:`_Columns` while an Arrow column uses it; gives it back when released."""
+
+    __slots__ = ("buffer", "columns", "key")
+
+    def __init__(self, columns: _Columns, key: tuple[str, int], buffer: np.ndarray) -> None:
+        self.columns, self.key, self.buffer = columns, key, buffer
+
+    def __del__(self) -> None:
+        self.columns._give_back(self.key, self.buffer)
 
 
 @dataclass(frozen=True)
@@ -450,23 +518,29 @@ class _Read:
     lengths: np.ndarray
 
 
-def float32(values: np.ndarray) -> np.ndarray:
-    """``values`` as float32 (DuckDB takes no Arrow float16). Float16 that are all finite and not negative,
-    as gate weights are, are widened by their bits: the exponent and mantissa moved into place and the
-    exponent bias fixed by one exact multiplication, about 3x faster than numpy's conversion; the same values
-    bit for bit, subnormals included (they pass through a float32 subnormal)."""
-    if values.dtype != np.float16:
-        return values.astype(np.float32)
-    bits = values.view(np.uint16)
-    if len(bits) == 0 or bits.max() >= 0x7C00:  # a sign bit, infinity or NaN: numpy's conversion
-        return values.astype(np.float32)
-    # A thread that flushes denormals (torch.set_flush_denormal, as the demo sets) reads that float32
-    # subnormal as 0: numpy's conversion where there is a non-zero float16 subnormal.
-    if _flushes_denormals() and (bits - np.uint16(1)).min() < 0x03FF:
-        return values.astype(np.float32)
-    wide = bits.astype(np.uint32)
+def float32(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``values`` as float32 (DuckDB takes no Arrow float16), written into ``out`` when given. Float16 that
+    are all finite and not negative, as gate weights are, are widened by their bits: the exponent and
+    mantissa moved into place and the exponent bias fixed by one exact multiplication, about 3x faster than
+    numpy's conversion; the same values bit for bit, subnormals included (they pass through a float32
+    subnormal)."""
+    if out is None:
+        out = np.empty(values.shape, dtype=np.float32)
+    bits = values.view(np.uint16) if values.dtype == np.float16 else None
+    # Numpy's conversion for other types, for a sign bit, infinity or NaN, and where this thread flushes
+    # denormals (torch.set_flush_denormal, as the demo sets), which reads a float32 subnormal as 0, for a
+    # non-zero float16 subnormal.
+    if (
+        bits is None
+        or len(bits) == 0
+        or bits.max() >= 0x7C00
+        or (_flushes_denormals() and (bits - np.uint16(1)).min() < 0x03FF)
+    ):
+        np.copyto(out, values, casting="same_kind")
+        return out
+    wide = out.view(np.uint32)
+    np.copyto(wide, bits)
     wide <<= 13
-    out = wide.view(np.float32)
     out *= np.float32(2.0**112)
     return out
 
@@ -554,6 +628,11 @@ def _chunk_reads(plan: _Plan, tokens_per_read: int) -> Iterator[_Read]:
                     piece_starts,
                     piece_ends - piece_starts,
                 )
+
+
+def _tokens_per_batch(plan: _Plan) -> int:
+    """Tokens per Arrow batch at most: about ROWS_PER_BATCH rows, one token at least."""
+    return max(1, ROWS_PER_BATCH // _width(plan))
 
 
 def _width(plan: _Plan) -> int:
