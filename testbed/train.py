@@ -54,6 +54,7 @@ class ModelConfig:
     experts: int = 64
     top_k: int = 2
     expert_width: int = 32
+    #: Weight of the router balance loss (families that train with one: qwen3-moe).
     router_aux_loss: float = 0.01
     #: Standard deviation of the initial weights. With transformers' default 0.02 the model sat on the
     #: "predict the value distribution" plateau for most of the budget; 0.08 leaves it within ~300 steps.
