@@ -4,12 +4,13 @@
 sql/gate_sums.sql, sql/seq_means.sql and sql/lang_means.sql over every row of ``token_gates`` are the
 definition; this is the same arithmetic in one pass over the arrays as Zarr returns them, without building
 the rows: per sequence, each weight's whole units of 2^-32 added into (layer, expert) bins as integers,
-``m = round(sum / tokens)`` in those units (halves away from zero, as DuckDB's ``round``), ``rank()`` of m
-within the sequence; per language, the integers m and the frequencies ``n_selected / tokens`` added up.
-The integers are exact in any order, so seq_means and the language means have the macros' bits
-(tests/test_token_scan.py checks); the frequencies are sums of floats, added in a fixed order here (sequence
-after sequence within a read, then read after read) and in whatever order DuckDB's threads take in the
-macro, so those two agree to the last few bits.
+``m = round(sum / tokens)`` in those units (halves away from zero, as DuckDB's ``round``), then ``rank()``
+of m within the sequence (from numpy's sort of the read's rows: numba's own sort was slower); per
+language, the integers m and the frequencies ``n_selected / tokens`` added up. The integers are exact in
+any order, so seq_means and the language means have the macros' bits (tests/test_token_scan.py checks);
+the frequencies are sums of floats, added in a fixed order here (sequence after sequence within a read,
+then read after read) and in whatever order DuckDB's threads take in the macro, so those two agree to the
+last few bits.
 
 Kept apart from :mod:`xici.analysis.means` so that importing numba and loading the compiled code (cached
 beside this file, or in the user's cache where that is read-only) happens only when means are built.
@@ -44,23 +45,23 @@ def seq_means_rows(
     half: bool,
     n_experts: int,
     top_k: int,
-    seq_ids: np.ndarray,
     lengths: np.ndarray,
     langs: np.ndarray,
     lang_units: np.ndarray,
     lang_frequency: np.ndarray,
     out_seq: np.ndarray,
-    out_layer: np.ndarray,
-    out_expert: np.ndarray,
-    out_m: np.ndarray,
-    out_rank: np.ndarray,
+    out_bin: np.ndarray,
+    out_units: np.ndarray,
     out_selected: np.ndarray,
+    seq_first_row: np.ndarray,
 ) -> int:
-    """Fill the ``out_*`` arrays with the seq_means rows of the sequences ``seq_ids`` (``lengths`` tokens
-    each, one after the other in ``ids`` and ``weights``, shaped [tokens, layers * top_k]) and add each
-    row's m (whole units of 2^-32) and frequency into the bins of its language (``langs``, an index per
-    sequence) in ``lang_units`` and ``lang_frequency`` ([languages * layers * experts]); returns how many
-    rows, or ``-1 - i`` when sequence i holds a weight that is not a finite number."""
+    """The seq_means rows of the sequences of a read (``lengths`` tokens each, one after the other in
+    ``ids`` and ``weights``, shaped [tokens, layers * top_k]), their rank left out: per row the sequence
+    (an index into ``lengths``), the bin (layer * n_experts + expert), m in whole units of 2^-32 and
+    n_selected, sequence after sequence (``seq_first_row``: the first row of each); each row's m and
+    frequency are also added into the bins of its language (``langs``, an index per sequence) in
+    ``lang_units`` and ``lang_frequency`` ([languages * layers * experts]). Returns how many rows, or
+    ``-1 - i`` when sequence i holds a weight that is not a finite number."""
     width = ids.shape[1]
     per_seq = (width // top_k) * n_experts
     column_bin = np.empty(width, np.int64)
@@ -68,22 +69,24 @@ def seq_means_rows(
         column_bin[c] = (c // top_k) * n_experts
     sums = np.zeros(per_seq, np.int64)
     selected = np.zeros(per_seq, np.int32)
-    rounded = np.empty(per_seq, np.int64)
-    kept_bins = np.empty(per_seq, np.int64)
     token, rows = 0, 0
     for s in range(len(lengths)):
         n = lengths[s]
+        exponents = 0  # the largest float16 exponent field: 31 is infinity or NaN
+        finite = True
         for t in range(token, token + n):
             for c in range(width):
-                if half and (int(weights[t, c]) & 0x7C00) == 0x7C00:
-                    return -1 - s
-                if not half and not np.isfinite(weights[t, c]):
-                    return -1 - s
+                if half:
+                    exponents = max(exponents, int(weights[t, c]) & 0x7C00)
+                else:
+                    finite = finite and np.isfinite(weights[t, c])
                 b = column_bin[c] + ids[t, c]
                 sums[b] += _units(weights[t, c], half)
                 selected[b] += 1
+        if exponents == 0x7C00 or not finite:
+            return -1 - s
         token += n
-        kept = 0
+        seq_first_row[s] = rows
         for b in range(per_seq):
             if selected[b]:
                 mean = sums[b] / n
@@ -91,27 +94,29 @@ def seq_means_rows(
                 if abs(mean) - whole >= 0.5:
                     whole += 1.0
                 if mean > 0 and whole > 0:  # m > 0 only (seq_means.sql)
-                    rounded[kept] = np.int64(whole)
-                    kept_bins[kept] = b
-                    kept += 1
-        # rank() over m descending: ties share the rank of the first of them.
-        order = np.argsort(-rounded[:kept], kind="mergesort")
-        rank = 1
-        for i in range(kept):
-            o = order[i]
-            if i > 0 and rounded[o] != rounded[order[i - 1]]:
-                rank = i + 1
-            b, row = kept_bins[o], rows + o
-            out_seq[row] = seq_ids[s]
-            out_layer[row] = b // n_experts
-            out_expert[row] = b % n_experts
-            out_m[row] = rounded[o] / UNITS
-            out_rank[row] = rank
-            out_selected[row] = selected[b]
-            lang_bin = langs[s] * per_seq + b
-            lang_units[lang_bin] += rounded[o]
-            lang_frequency[lang_bin] += selected[b] / n
-        rows += kept
-        sums[:] = 0
-        selected[:] = 0
+                    out_seq[rows] = s
+                    out_bin[rows] = b
+                    out_units[rows] = np.int64(whole)
+                    out_selected[rows] = selected[b]
+                    lang_bin = langs[s] * per_seq + b
+                    lang_units[lang_bin] += np.int64(whole)
+                    lang_frequency[lang_bin] += selected[b] / n
+                    rows += 1
+                sums[b] = 0
+                selected[b] = 0
     return rows
+
+
+@numba.njit(nogil=True, cache=True)
+def ranks(order: np.ndarray, seq: np.ndarray, units: np.ndarray, seq_first_row: np.ndarray) -> np.ndarray:
+    """rank() of m descending within each sequence (ties share the rank of the first of them), given
+    ``order``: the rows sorted by sequence, then m descending."""
+    out = np.empty(len(order), np.int32)
+    rank = 1
+    for i in range(len(order)):
+        row = order[i]
+        first = seq_first_row[seq[row]]
+        if i == first or units[row] != units[order[i - 1]]:
+            rank = i - first + 1
+        out[row] = rank
+    return out
