@@ -95,9 +95,9 @@ def train(world: World, out: Path, times: dict[str, Any]) -> Path:
     paths = TestbedPaths.in_folder(folder)
     if paths.accuracies.exists():  # written last by build_testbed: the build is whole
         return folder
-    given: dict[str, Any] = {"experts": world.experts, "top_k": world.top_k}
-    if world.family != "qwen3-moe" or world.shared:
-        given.update(arch=world.family, shared_experts=world.shared)
+    config = ModelConfig.for_arch(
+        world.family, experts=world.experts, top_k=world.top_k, shared_experts=world.shared
+    )
     start = time.perf_counter()
 
     def on_step(step: int, loss: float) -> None:
@@ -108,7 +108,7 @@ def train(world: World, out: Path, times: dict[str, Any]) -> Path:
             )
 
     with timed(times, "train"):
-        build_testbed(folder, seed=world.seed, model_config=ModelConfig(**given), on_step=on_step)
+        build_testbed(folder, seed=world.seed, model_config=config, on_step=on_step)
     return folder
 
 
