@@ -106,10 +106,8 @@ def ensure_means(lake: Lake, run_id: int) -> bool:
             con.execute(f"delete from {table} where run_id = ?", [run_id])
         languages = _insert_seq_means(lake, con, info)
         con.register(_ROWS_VIEW, languages.rows())
-        try:
-            con.execute(f"insert into lang_means select ?, * from {_ROWS_VIEW}", [run_id])
-        finally:
-            con.unregister(_ROWS_VIEW)
+        con.execute(f"insert into lang_means select ?, * from {_ROWS_VIEW}", [run_id])
+        con.unregister(_ROWS_VIEW)
         con.execute(
             "insert into seq_means_builds (run_id, n_sequences, n_tokens) values (?, ?, ?)",
             [run_id, info.n_sequences, info.n_tokens],
@@ -168,25 +166,34 @@ def _insert_seq_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo)
     scan = lake.token_scan(con, "token_gates", run_ids=[info.run_id], stats=stats)
     languages = _Languages(con, info)
 
+    failed: list[BaseException] = []
+
     def batches() -> Iterator[pa.RecordBatch]:
-        for rows, units, frequency in scan.per_read(
-            ["topk_ids", "topk_weights"], partial(_seq_means_rows, info, languages)
-        ):
-            languages.add(units, frequency)  # in read order: the same sums every time
-            yield rows
+        try:
+            for rows, units, frequency in scan.per_read(
+                ["topk_ids", "topk_weights"], partial(_seq_means_rows, info, languages)
+            ):
+                languages.add(units, frequency)  # in read order: the same sums every time
+                yield rows
+        except BaseException as exc:  # DuckDB passes it on as text: keep it to raise as it was
+            failed.append(exc)
+            raise
 
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"means of run {info.run_id}", total=info.n_tokens)
         stats.on_change = lambda s: bar.update(task, completed=s.read)
         con.register(_ROWS_VIEW, pa.RecordBatchReader.from_batches(_ROWS, batches()))
-        # One DuckDB thread: it fills whole row groups in order, which the commit then keeps as they are;
-        # with more, it wrote partial ones and the commit merged them (about 1/3 more CPU, a 1/3 larger file).
+        # One DuckDB thread (on the build's own connection): it fills whole row groups in order, which the
+        # commit keeps as they are; with two, it wrote partial ones that the commit merged again (about
+        # 1/3 more CPU, a 1/3 larger file). A failed read fails the INSERT and the transaction with it.
         con.execute("set threads = 1")
         try:
             con.execute(f"insert into seq_means select ?, * from {_ROWS_VIEW}", [info.run_id])
-        finally:
-            con.execute("reset threads")
-            con.unregister(_ROWS_VIEW)
+        except duckdb.Error:
+            if failed:  # damaged gates, a weight that is not a number: the error as raised
+                raise failed[0] from None
+            raise
+        con.unregister(_ROWS_VIEW)
     return languages
 
 

@@ -7,9 +7,12 @@
 -- the sequence's tokens that selected the expert (the risk-difference localizer, method.md "Rival
 -- localizers").
 --
--- Reads the table seq_means; xici materialises this macro into the table of the same name, `lang_means`
+-- Reads the table seq_means. xici stores what this macro gives in the table of the same name, `lang_means`
 -- (non-zero means only), whenever it (re)builds a run's means: `from lang_means` is the stored table,
--- `from lang_means(1)` computes it.
+-- `from lang_means(1)` computes it. The build adds the same sums up as it reads the gates
+-- (analysis/means_kernel.py): the mean has this macro's bits (sums of multiples of 2^-32 are exact in
+-- any order); the frequency, a sum of floats, is added in a fixed order there and in the order DuckDB's
+-- threads take here, so the two can differ in the last bits.
 --     select * from lang_means(1) where layer = 10 order by mean desc limit 20;
 CREATE OR REPLACE MACRO lang_means(run) AS TABLE
 WITH sizes AS (

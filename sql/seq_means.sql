@@ -3,9 +3,10 @@
 -- divided by the sequence's token count, not by the number of tokens that selected it.
 --
 -- `sums` names a relation shaped like the output of gate_sums.sql (seq_id, layer, expert, weight_sum,
--- n_selected). xici materialises this macro into the table of the same name, `seq_means`, once per run
--- (`from seq_means` is the stored table, `from seq_means('...')` computes it); by hand, over any relation
--- shaped like `token_gates` (see gate_sums.sql):
+-- n_selected). xici stores what this macro gives in the table of the same name, `seq_means`, once per run
+-- (`from seq_means` is the stored table, `from seq_means('...')` computes it), computed with the same
+-- integers as it reads the gates (analysis/means_kernel.py; a test checks the bits); by hand, over any
+-- relation shaped like `token_gates` (see gate_sums.sql):
 --     with sums as (from gate_sums('my_gates')) select * from seq_means('sums');
 --
 -- Determinism: weights are summed as integers in units of 2^-32 (gate_sums.sql) and the mean is rounded

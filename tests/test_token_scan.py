@@ -13,6 +13,7 @@ import torch
 from test_recorder_support import new_lake
 
 from xici.analysis.means import ensure_means
+from xici.errors import XiciError
 from xici.recorder.run import RecordSpec, record
 from xici.sql import apply_views
 from xici.testbed.synthetic_lake import SyntheticSpec, write_synthetic_lake
@@ -353,3 +354,18 @@ def test_kernel_takes_every_float16_weight_in_exact_units() -> None:
     expected = finite.view(np.float16).astype(np.float64) * 2.0**32  # whole numbers already
     got = np.array([_units(int(bits), True) for bits in finite], dtype=np.int64)
     assert np.array_equal(got, expected.astype(np.int64))
+
+
+def test_means_refuse_a_gate_weight_that_is_not_a_number(tmp_path: Path) -> None:
+    """A weight that is infinite or NaN (float16 bits with exponent 31) stops the build with a clear error
+    naming the sequence, and leaves no means behind (the build is one transaction)."""
+    lake = Lake(tmp_path / "lake")
+    run_id = write_synthetic_lake(lake, SyntheticSpec(questions=((4, 3),))).run_id
+    lake.gates().array(run_id, "topk_weights")[150, 2, 1] = np.inf
+    with lake.connect(read_only=True) as con:
+        [(seq_id,)] = con.execute(
+            "select seq_id from sequences where token_start <= 150 and token_start + n_tokens > 150"
+        ).fetchall()
+    with pytest.raises(XiciError, match=f"sequence {seq_id} of run {run_id} has a gate weight that is not"):
+        ensure_means(lake, run_id)
+    assert run(lake, "select count(*) from seq_means")[0] == [(0,)]
