@@ -95,8 +95,8 @@ def train(world: World, out: Path, times: dict[str, Any]) -> Path:
     paths = TestbedPaths.in_folder(folder)
     if paths.accuracies.exists():  # written last by build_testbed: the build is whole
         return folder
-    config = ModelConfig.for_arch(
-        world.family, experts=world.experts, top_k=world.top_k, shared_experts=world.shared
+    config = ModelConfig(
+        arch=world.family, experts=world.experts, top_k=world.top_k, shared_experts=world.shared
     )
     start = time.perf_counter()
 
