@@ -74,6 +74,7 @@ FILTERED = [
         "sum(n_tokens) filter (seq_id in (1, 7))",
     ),
     ("token_gates", "seq_id > 2 or layer = 0", "sum(n_tokens)"),
+    ("token_gates", "seq_id <= 3 and layer in (0, 2)", "sum(n_tokens) filter (seq_id <= 3)"),
     ("tokens", "pos < 3 and seq_id != 2", "sum(least(n_tokens, 3)) filter (seq_id != 2)"),
     ("tokens", "pos in (0, 2)", "sum(least(n_tokens, 3))"),  # read: the span 0-2; pos 1 filtered out
     ("token_logits", "seq_id = 3 and expert in (0, 2) and logit > 0", "sum(n_tokens) filter (seq_id = 3)"),

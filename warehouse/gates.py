@@ -186,6 +186,7 @@ class GateStore:
         folder = local_folder(location)
         self.location = str(location) if folder is None else folder
         self.read_only = read_only
+        self._arrays: dict[tuple[int, Shard, str], zarr.Array] = {}
         if read_only and isinstance(self.location, Path) and not self.location.exists():
             self._root = None
             return
@@ -345,16 +346,26 @@ class GateStore:
         return start
 
     def array(self, run_id: int, name: str, shard: Shard = None) -> zarr.Array:
-        """One array of a run (or shard), for its shape and chunks."""
-        return self._group(run_id, shard)[name]
+        """One array of a run (or shard). A read-only store opens each array once and keeps it (opening
+        reads the group's and the array's metadata: four store reads per read of two arrays otherwise),
+        so its shape is the one it had then; stores are opened read-only for one command's reads."""
+        key = (run_id, shard, name)
+        array = self._arrays.get(key)
+        if array is None:
+            array = self._group(run_id, shard)[name]
+            if self.read_only:
+                self._arrays[key] = array
+        return array
 
     def read_fields(
         self, run_id: int, start: int, stop: int, names: list[str], *, shard: Shard = None
     ) -> dict[str, np.ndarray]:
         """Tokens ``[start, stop)`` of some arrays of a run (or of one of its shards), reading only the
         chunks that hold them, verified (:class:`DamagedGates`)."""
-        group = self._group(run_id, shard)
-        return {name: self._verified(group[name], run_id, shard, name, start, stop) for name in names}
+        return {
+            name: self._verified(self.array(run_id, name, shard), run_id, shard, name, start, stop)
+            for name in names
+        }
 
     def read(
         self, run_id: int, start: int, stop: int, *, logits: bool = False, shard: Shard = None

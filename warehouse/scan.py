@@ -366,8 +366,7 @@ class TokenScan(ArrowScanSource):
         yield from self._prepared(reads, fields, task)
 
     def _read(self, plan: _Plan, read: _Read, fields: list[str]) -> dict[str, np.ndarray]:
-        """The tokens of a read's pieces, one after the other, per Zarr array (layers and experts the plan
-        drops left out)."""
+        """The tokens of a read's pieces, one after the other, per Zarr array (every layer and expert)."""
         if not fields:
             return {}
         try:
@@ -376,20 +375,10 @@ class TokenScan(ArrowScanSource):
             )
         except DamagedGates as exc:
             raise exc.hitting(read.starts, read.lengths, plan.seq_ids[read.seqs], "seq_id") from None
-        # Drop the tokens between the pieces, unless there are none.
+        if read.lengths.sum() == read.hi - read.lo:  # no tokens between the pieces
+            return block
         take = np.repeat(read.starts - read.lo, read.lengths) + sequence_positions(read.lengths)
-        if len(take) == read.hi - read.lo:
-            take = None
-        values = {}
-        for name, array in block.items():
-            if take is not None:
-                array = array[take]
-            if array.ndim == 3 and len(plan.layers) < array.shape[1]:
-                array = array[:, plan.layers]
-            if name == "router_logits" and len(plan.experts) < array.shape[2]:
-                array = array[:, :, plan.experts]
-            values[name] = array
-        return values
+        return {name: array[take] for name, array in block.items()}
 
     def _rows(
         self, plan: _Plan, read: _Read, tokens: slice, block: dict, needed: set[str], columns: _Columns
@@ -406,7 +395,17 @@ class TokenScan(ArrowScanSource):
             return lambda out: out.reshape(n, width).__setitem__(slice(None), values[:, None])
 
         def copied(values: np.ndarray) -> Callable[[np.ndarray], None]:
-            return lambda out: np.copyto(out, values, casting="unsafe")
+            return lambda out: np.copyto(out.reshape(values.shape), values, casting="unsafe")
+
+        def kept(source: str) -> np.ndarray:
+            """The tokens' values of a Zarr array, in the layers (and experts) the plan keeps: a view where
+            those are a range, copied once, into the column, whatever they are."""
+            values = block[source][tokens]
+            if values.ndim == 3:
+                values = values[:, _indexer(plan.layers, values.shape[1])]
+                if source == "router_logits":
+                    values = values[:, :, _indexer(plan.experts, values.shape[2])]
+            return values
 
         arrays: dict[str, pa.Array] = {}
         if "seq_id" in needed:
@@ -425,11 +424,10 @@ class TokenScan(ArrowScanSource):
                 per_token = np.tile(plan.experts.astype(np.int16), len(plan.layers))
                 arrays["expert"] = columns.repeated(plan, "expert", per_token, n)
             else:
-                ids = block["topk_ids"][tokens].reshape(-1)
-                arrays["expert"] = columns.filled(np.int16, rows, capacity, copied(ids))
+                arrays["expert"] = columns.filled(np.int16, rows, capacity, copied(kept("topk_ids")))
         for column, source in _SOURCES[self.name].items():
             if column in needed and column != "expert":
-                values = block[source][tokens].reshape(-1)
+                values = kept(source)
                 if column in ("weight", "logit"):
                     arrays[column] = columns.filled(
                         np.float32, rows, capacity, lambda out, values=values: float32(values, out)
@@ -519,20 +517,19 @@ class _Read:
 
 
 def float32(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``values`` as float32 (DuckDB takes no Arrow float16), written into ``out`` when given. Float16 that
-    are all finite and not negative, as gate weights are, are widened by their bits: the exponent and
-    mantissa moved into place and the exponent bias fixed by one exact multiplication, about 3x faster than
-    numpy's conversion; the same values bit for bit, subnormals included (they pass through a float32
-    subnormal)."""
-    if out is None:
-        out = np.empty(values.shape, dtype=np.float32)
+    """``values`` as float32 (DuckDB takes no Arrow float16), written into ``out`` (contiguous, as many
+    values, any shape) when given. Float16 that are all finite and not negative, as gate weights are, are
+    widened by their bits: the exponent and mantissa moved into place and the exponent bias fixed by one
+    exact multiplication, about 3x faster than numpy's conversion; the same values bit for bit, subnormals
+    included (they pass through a float32 subnormal)."""
+    out = np.empty(values.shape, dtype=np.float32) if out is None else out.reshape(values.shape)
     bits = values.view(np.uint16) if values.dtype == np.float16 else None
     # Numpy's conversion for other types, for a sign bit, infinity or NaN, and where this thread flushes
     # denormals (torch.set_flush_denormal, as the demo sets), which reads a float32 subnormal as 0, for a
     # non-zero float16 subnormal.
     if (
         bits is None
-        or len(bits) == 0
+        or bits.size == 0
         or bits.max() >= 0x7C00
         or (_flushes_denormals() and (bits - np.uint16(1)).min() < 0x03FF)
     ):
@@ -628,6 +625,13 @@ def _chunk_reads(plan: _Plan, tokens_per_read: int) -> Iterator[_Read]:
                     piece_starts,
                     piece_ends - piece_starts,
                 )
+
+
+def _indexer(kept: np.ndarray, size: int) -> slice | np.ndarray:
+    """Indices kept of an axis of ``size``: a slice (a view, no copy) where they are a range."""
+    if len(kept) and np.array_equal(kept, np.arange(kept[0], kept[0] + len(kept))):
+        return slice(int(kept[0]), int(kept[0]) + len(kept))
+    return kept
 
 
 def _tokens_per_batch(plan: _Plan) -> int:
