@@ -18,10 +18,21 @@ beside this file, or in the user's cache where that is read-only) happens only w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
 
 from xici.analysis.means import UNITS
+
+
+def _compiled(function: Callable) -> Callable:
+    """``function`` compiled without the GIL, the machine code cached on disk; where no cache folder is
+    writable (a read-only install and home), numba refuses to cache, and it is compiled in each process."""
+    try:
+        return numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError:
+        return numba.njit(nogil=True)(function)
 
 
 @numba.njit(inline="always")
@@ -38,7 +49,7 @@ def _units(value: int | float, half: bool) -> int:
     return int(-whole if scaled < 0 else whole)
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def seq_means_rows(
     ids: np.ndarray,
     weights: np.ndarray,
@@ -107,7 +118,7 @@ def seq_means_rows(
     return rows
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def ranks(order: np.ndarray, seq: np.ndarray, units: np.ndarray, seq_first_row: np.ndarray) -> np.ndarray:
     """rank() of m descending within each sequence (ties share the rank of the first of them), given
     ``order``: the rows sorted by sequence, then m descending."""

@@ -357,16 +357,27 @@ def test_kernel_takes_every_float16_weight_in_exact_units() -> None:
     assert np.array_equal(got, expected.astype(np.int64))
 
 
-def test_means_refuse_a_gate_weight_that_is_not_a_number(tmp_path: Path) -> None:
-    """A weight that is infinite or NaN (float16 bits with exponent 31) stops the build with a clear error
-    naming the sequence, and leaves no means behind (the build is one transaction)."""
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("topk_weights", np.inf, "sequence {seq_id} of run {run_id} has a gate weight that is not a finite"),
+        ("topk_weights", np.nan, "sequence {seq_id} of run {run_id} has a gate weight that is not a finite"),
+        ("topk_ids", 200, "run {run_id} routes a token to expert 200, but its model has 32 experts"),
+    ],
+)
+def test_means_refuse_gates_that_are_not_routing(
+    tmp_path: Path, field: str, value: float, message: str
+) -> None:
+    """A weight that is infinite or NaN (float16 bits with exponent 31), or an expert id past the model's
+    experts (which the kernel would add into another layer's bins), stops the build with a clear error and
+    leaves no means behind (the build is one transaction)."""
     lake = Lake(tmp_path / "lake")
     run_id = write_synthetic_lake(lake, SyntheticSpec(questions=((4, 3),))).run_id
-    lake.gates().array(run_id, "topk_weights")[150, 2, 1] = np.inf
+    lake.gates().array(run_id, field)[150, 2, 1] = value
     with lake.connect(read_only=True) as con:
         [(seq_id,)] = con.execute(
             "select seq_id from sequences where token_start <= 150 and token_start + n_tokens > 150"
         ).fetchall()
-    with pytest.raises(XiciError, match=f"sequence {seq_id} of run {run_id} has a gate weight that is not"):
+    with pytest.raises(XiciError, match=message.format(seq_id=seq_id, run_id=run_id)):
         ensure_means(lake, run_id)
     assert run(lake, "select count(*) from seq_means")[0] == [(0,)]
