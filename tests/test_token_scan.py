@@ -263,10 +263,10 @@ def test_sequences_far_apart_skip_the_chunks_between(synthetic: Lake) -> None:
 def test_reads_of_whole_chunks_keep_every_row(
     synthetic: Lake, condition: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A scan reads whole chunks, one per read here, so sequences are split between reads: every row is
-    still the one the gate arrays hold, with its sequence and position. Batches are small, so that the
-    memory of those DuckDB released is written again for later ones."""
-    monkeypatch.setattr(scan, "TOKENS_PER_READ", 1)
+    """A scan reads whole chunks, one per read, so sequences are split between reads: every row is still
+    the one the gate arrays hold, with its sequence and position. Batches are small, so that the memory of
+    those DuckDB released is written again for later ones."""
+    assert scan.CHUNKS_PER_READ == 1
     monkeypatch.setattr(scan, "ROWS_PER_BATCH", 5000)
     query = f"select seq_id, pos, layer, expert, weight from token_gates where {condition} order by all"
     stats = ScanStats()

@@ -11,8 +11,9 @@ would apply; the scan then
 - reads only the Zarr arrays the requested columns need (a ``count(*)`` over some sequences reads none);
 - applies every filter it accepted exactly, so DuckDB does not apply it again (those the reads already
   enforce, on seq_id, layer or a span of pos, are not evaluated on the rows);
-- prepares the next reads, and their Arrow rows, in threads while DuckDB consumes the current ones, so
-  memory stays at a few reads whatever the run's size.
+- reads each Zarr chunk once, one at a time, as DuckDB's scan threads pull the next batch (a sequence
+  that crosses a chunk edge is split between two reads), so memory stays at a few chunks whatever the
+  run's size.
 
 A filter on ``sequences`` (question, language, run) joined to a token relation does not reach the scan by
 itself: :func:`xici.warehouse.pushdown.sequence_restrictions` turns it into a set of seq_ids beforehand.
@@ -25,7 +26,6 @@ public ``register`` takes only pyarrow and pandas objects, so the scan is regist
 from __future__ import annotations
 
 import itertools
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -73,11 +73,14 @@ _SOURCES = {
 }
 _VALUES = {"tokens": "token_ids", "token_gates": "topk_weights", "token_logits": "router_logits"}
 
-# Tokens read from Zarr at a time: four chunks of the default layout, so a chunk shared by two reads is
-# decoded twice at most once per four; rows handed to DuckDB per Arrow batch (whole sequences, at least one).
-TOKENS_PER_READ = 16384
+# A query's scan reads CHUNKS_PER_READ Zarr chunks at a time, in the DuckDB thread that pulls the next Arrow
+# batch (about ROWS_PER_BATCH rows): reading threads ahead of DuckDB made its scan threads wait for the GIL
+# (up to Python's 5 ms switch interval per pull while a reading thread ran Python) and for them, on a busy
+# machine, and took 13% more CPU. Whole-sequence reads (per_read, for the means) span up to TOKENS_PER_READ
+# tokens, READ_AHEAD of them prepared in threads ahead of the consumer (Zarr decodes outside the GIL).
+CHUNKS_PER_READ = 1
 ROWS_PER_BATCH = 1 << 20
-# Reads prepared ahead of the one DuckDB is consuming (Zarr decodes outside the GIL).
+TOKENS_PER_READ = 16384
 READ_AHEAD = 2
 # DuckDB settings for a connection that scans token relations. A Python source gives DuckDB no column
 # statistics, so it cannot tell that layer and expert (SMALLINT) hold few values and groups by them with its
@@ -317,9 +320,11 @@ class TokenScan(ArrowScanSource):
                 batches.append(batch.select(names))
             return batches
 
-        reads = ((plan, read) for plan in plans for read in _chunk_reads(plan, TOKENS_PER_READ))
-        for batches in self._prepared(reads, fields, rows):
-            yield from batches
+        for plan in plans:
+            for read in _chunk_reads(plan, CHUNKS_PER_READ):
+                batches = rows(plan, read, self._read(plan, read, fields))
+                self.stats._add(read=int(read.lengths.sum()))
+                yield from batches
 
     def _prepared(
         self,
@@ -388,14 +393,10 @@ class TokenScan(ArrowScanSource):
         n = tokens.stop - tokens.start
         width = _width(plan)
         rows = n * width
-        capacity = _tokens_per_batch(plan) * width
 
         def each_row(values: np.ndarray) -> Callable[[np.ndarray], None]:
             """Fill a column with one value per token, repeated on the token's rows."""
             return lambda out: out.reshape(n, width).__setitem__(slice(None), values[:, None])
-
-        def copied(values: np.ndarray) -> Callable[[np.ndarray], None]:
-            return lambda out: np.copyto(out.reshape(values.shape), values, casting="unsafe")
 
         def kept(source: str) -> np.ndarray:
             """The tokens' values of a Zarr array, in the layers (and experts) the plan keeps: a view where
@@ -410,12 +411,12 @@ class TokenScan(ArrowScanSource):
         arrays: dict[str, pa.Array] = {}
         if "seq_id" in needed:
             seq_ids = np.repeat(plan.seq_ids[read.seqs], read.lengths)[tokens]
-            arrays["seq_id"] = columns.filled(np.int64, rows, capacity, each_row(seq_ids))
+            arrays["seq_id"] = columns.filled(np.int64, rows, each_row(seq_ids))
         if "pos" in needed:
             # A piece may start inside its sequence (a read starts at a chunk boundary).
             into = (read.starts - plan.starts[read.seqs]).astype(np.int32) + np.int32(plan.first_pos)
             pos = (np.repeat(into, read.lengths) + sequence_positions(read.lengths))[tokens]
-            arrays["pos"] = columns.filled(np.int32, rows, capacity, each_row(pos))
+            arrays["pos"] = columns.filled(np.int32, rows, each_row(pos))
         if "layer" in needed:
             per_token = np.repeat(plan.layers.astype(np.int16), _per_layer(plan))
             arrays["layer"] = columns.repeated(plan, "layer", per_token, n)
@@ -424,67 +425,52 @@ class TokenScan(ArrowScanSource):
                 per_token = np.tile(plan.experts.astype(np.int16), len(plan.layers))
                 arrays["expert"] = columns.repeated(plan, "expert", per_token, n)
             else:
-                arrays["expert"] = columns.filled(np.int16, rows, capacity, copied(kept("topk_ids")))
+                arrays["expert"] = columns.filled(np.int16, rows, copied(kept("topk_ids")))
         for column, source in _SOURCES[self.name].items():
             if column in needed and column != "expert":
                 values = kept(source)
                 if column in ("weight", "logit"):
                     arrays[column] = columns.filled(
-                        np.float32, rows, capacity, lambda out, values=values: float32(values, out)
+                        np.float32, rows, lambda out, values=values: float32(values, out)
                     )
                 else:
-                    arrays[column] = columns.filled(np.int32, rows, capacity, copied(values))
+                    arrays[column] = columns.filled(np.int32, rows, copied(values))
         schema = pa.schema([f for f in self.schema if f.name in arrays])
         return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
 
 
 class _Columns:
-    """Memory for the Arrow columns of one stream. Columns are built into buffers that come back when DuckDB
-    releases the batch, for the next batches: fresh memory for every batch costs page faults and zeroing
-    (about a seventh of a full scan's CPU). Columns that repeat from token to token (layer; expert of
-    token_logits) are built once per plan and shared."""
+    """Memory for the Arrow columns of one stream. Columns are written into buffers of Arrow's own memory
+    pool: DuckDB's scan threads release a batch without taking the GIL (a buffer over a numpy array must
+    take it to drop the array, and waits up to Python's switch interval while a reading thread runs Python),
+    and the pool reuses the memory of released batches (fresh memory costs page faults and zeroing). Columns
+    that repeat from token to token (layer; expert of token_logits) are built once per plan and shared."""
 
     def __init__(self) -> None:
-        self._free: dict[tuple[str, int], list[np.ndarray]] = {}
-        self._repeated: dict[tuple[int, str], np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._repeated: dict[tuple[int, str], pa.Array] = {}
 
-    def filled(self, dtype: type, rows: int, capacity: int, fill: Callable[[np.ndarray], object]) -> pa.Array:
-        """A column of ``rows`` values of ``dtype`` that ``fill(out)`` writes, in a buffer of ``capacity``."""
-        key = (np.dtype(dtype).str, capacity)
-        with self._lock:
-            free = self._free.get(key)
-            buffer = free.pop() if free else None
-        if buffer is None:
-            buffer = np.empty(capacity, dtype=dtype)
-        fill(buffer[:rows])
-        lease = _Lease(self, key, buffer)
-        data = pa.foreign_buffer(buffer.ctypes.data, rows * buffer.itemsize, base=lease)
-        return pa.Array.from_buffers(pa.from_numpy_dtype(buffer.dtype), rows, [None, data])
+    @staticmethod
+    def filled(dtype: type, rows: int, fill: Callable[[np.ndarray], object]) -> pa.Array:
+        """A column of ``rows`` values of ``dtype`` that ``fill(out)`` writes."""
+        kind = np.dtype(dtype)
+        data = pa.allocate_buffer(rows * kind.itemsize)
+        fill(np.frombuffer(data, dtype=kind))
+        return pa.Array.from_buffers(pa.from_numpy_dtype(kind), rows, [None, data])
 
     def repeated(self, plan: _Plan, name: str, per_token: np.ndarray, n: int) -> pa.Array:
         """The column whose values are ``per_token`` for each of ``n`` tokens."""
         key = (id(plan), name)
         tiled = self._repeated.get(key)
         if tiled is None:
-            tiled = self._repeated.setdefault(key, np.tile(per_token, _tokens_per_batch(plan)))
-        return pa.array(tiled[: n * len(per_token)])
-
-    def _give_back(self, key: tuple[str, int], buffer: np.ndarray) -> None:
-        with self._lock:
-            self._free.setdefault(key, []).append(buffer)
+            many = _tokens_per_batch(plan)
+            tiled = self.filled(per_token.dtype, many * len(per_token), copied(np.tile(per_token, many)))
+            tiled = self._repeated.setdefault(key, tiled)
+        return tiled.slice(0, n * len(per_token))
 
 
-class _Lease:
-    """Holds a buffer of :class:`_Columns` while an Arrow column uses it; gives it back when released."""
-
-    __slots__ = ("buffer", "columns", "key")
-
-    def __init__(self, columns: _Columns, key: tuple[str, int], buffer: np.ndarray) -> None:
-        self.columns, self.key, self.buffer = columns, key, buffer
-
-    def __del__(self) -> None:
-        self.columns._give_back(self.key, self.buffer)
+def copied(values: np.ndarray) -> Callable[[np.ndarray], None]:
+    """A ``fill`` that copies ``values`` (any shape, as many) into the column, converting them."""
+    return lambda out: np.copyto(out.reshape(values.shape), values, casting="unsafe")
 
 
 @dataclass(frozen=True)
@@ -591,13 +577,11 @@ def _sequence_reads(plan: _Plan, tokens_per_read: int) -> Iterator[_Read]:
         i = j
 
 
-def _chunk_reads(plan: _Plan, tokens_per_read: int) -> Iterator[_Read]:
+def _chunk_reads(plan: _Plan, chunks_per_read: int) -> Iterator[_Read]:
     """The planned tokens in reads of whole chunks: every chunk that holds some is read once, in runs of
-    neighbouring chunks of at most ``tokens_per_read`` tokens (one chunk at least); chunks that hold none are
-    not read. A sequence that crosses a read's edge is split between two reads, so for queries on rows (not
-    per sequence)."""
+    at most ``chunks_per_read`` neighbouring chunks; chunks that hold none are not read. A sequence that
+    crosses a read's edge is split between two reads, so for queries on rows (not per sequence)."""
     size = plan.layout.chunk_tokens
-    per_read = max(1, tokens_per_read // size)
     for shard in np.unique(plan.shards):
         seqs = np.flatnonzero(plan.shards == shard)
         seqs = seqs[np.argsort(plan.starts[seqs], kind="stable")]
@@ -612,8 +596,8 @@ def _chunk_reads(plan: _Plan, tokens_per_read: int) -> Iterator[_Read]:
         # Runs of neighbouring chunks, cut into reads.
         breaks = np.flatnonzero(np.diff(wanted) > 1) + 1
         for run in np.split(wanted, breaks):
-            for k in range(0, len(run), per_read):
-                lo, hi = int(run[k]) * size, (int(run[min(k + per_read, len(run)) - 1]) + 1) * size
+            for k in range(0, len(run), chunks_per_read):
+                lo, hi = int(run[k]) * size, (int(run[min(k + chunks_per_read, len(run)) - 1]) + 1) * size
                 i, j = np.searchsorted(ends, lo, "right"), np.searchsorted(starts, hi, "left")
                 piece_starts = np.maximum(starts[i:j], lo)
                 piece_ends = np.minimum(ends[i:j], hi)
