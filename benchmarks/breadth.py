@@ -287,7 +287,9 @@ def diagnose(lake: Any, run: int, analysis: int, questions: int, batch_size: int
 def _ratio(xici_rd: float | None, base: float | None) -> str:
     if xici_rd is None or base is None:
         return "-"
-    return f"{xici_rd / base:.1f}x" if base > 0 else "inf"
+    if base <= 0 or xici_rd / base > 100:
+        return "> 100x"  # a baseline at or below zero: no effect beyond chance
+    return f"{xici_rd / base:.1f}x"
 
 
 def _pct(value: float | None) -> str:
@@ -318,9 +320,9 @@ def table(results: list[dict[str, Any]], label: str = "default") -> str:
     return "\n".join(lines)
 
 
-def figure(results: list[dict[str, Any]], path: Path) -> None:
+def figure(results: list[dict[str, Any]], path: Path, settings: list[str]) -> None:
     """Rate difference of XICI and both baselines against breadth, one panel per family; seeds as points,
-    lines through their means."""
+    lines through their means. XICI under each of ``settings`` (its baselines left out) is dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -328,30 +330,27 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(3.4 * max(1, len(families)), 3.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, max(1, len(families)), sharey=True, squeeze=False)[0]
-    styles = {"xici": ("XICI", "C3"), "random": ("random", "C0"), "shuffle": ("shuffled", "C2")}
+    lines = [("default", "xici", "XICI", "C3", "-"), ("default", "random", "random", "C0", "-")]
+    lines += [("default", "shuffle", "shuffled", "C2", "-")]
+    lines += [(s, "xici", f"XICI, {s}", f"C{4 + i}", "--") for i, s in enumerate(settings)]
     for ax, family in zip(axes, families, strict=False):
-        mine = [
-            r
-            for r in results
-            if r["world"]["family"] == family and "default" in r and not r["world"]["shared"]
-        ]
-        for condition, (name, color) in styles.items():
+        mine = [r for r in results if r["world"]["family"] == family and not r["world"]["shared"]]
+        for label, condition, name, color, style in lines:
             points: dict[float, list[float]] = {}
             for r in mine:
-                value = r["default"]["conditions"].get(condition, {}).get("rate_diff")
+                value = r.get(label, {}).get("conditions", {}).get(condition, {}).get("rate_diff")
                 if value is not None:
                     points.setdefault(100 * World(**r["world"]).breadth, []).append(100 * value)
             xs = sorted(points)
-            ax.plot(
-                xs, [sum(points[x]) / len(points[x]) for x in xs], color=color, label=name, marker="o", ms=3
-            )
+            means = [sum(points[x]) / len(points[x]) for x in xs]
+            ax.plot(xs, means, color=color, ls=style, label=name, marker="o", ms=3)
             for x in xs:
                 ax.scatter([x] * len(points[x]), points[x], color=color, s=10, alpha=0.5)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(family)
         ax.set_xlabel("routing breadth: top-k / experts (%)")
     axes[0].set_ylabel("rate difference (%)")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     print(f"figure: {path}")
 
@@ -372,6 +371,7 @@ def main() -> None:
     parser.add_argument("--refresh", action="store_true", help="re-collect results of stored analyses")
     parser.add_argument("--report", action="store_true", help="only collect the existing results")
     parser.add_argument("--figure", type=Path, help="write the figure here (PNG)")
+    parser.add_argument("--figure-setting", action="append", default=[], help="a --setting drawn too")
     args = parser.parse_args()
 
     if not args.report:
@@ -397,7 +397,7 @@ def main() -> None:
     for label in sorted({k for r in results for k in r if re.match(r"^[a-z-]+=", k)}):
         print(f"\n{label}\n{table(results, label)}")
     if args.figure:
-        figure(results, args.figure)
+        figure(results, args.figure, args.figure_setting)
 
 
 if __name__ == "__main__":
