@@ -11,9 +11,9 @@ would apply; the scan then
 - reads only the Zarr arrays the requested columns need (a ``count(*)`` over some sequences reads none);
 - applies every filter it accepted exactly, so DuckDB does not apply it again (those the reads already
   enforce, on seq_id, layer or a span of pos, are not evaluated on the rows);
-- reads each Zarr chunk once, one at a time, as DuckDB's scan threads pull the next batch (a sequence
-  that crosses a chunk edge is split between two reads), so memory stays at a few chunks whatever the
-  run's size.
+- reads each Zarr chunk once (a sequence that crosses a chunk edge is split between two reads), and
+  prepares the next reads, and their Arrow rows, in threads while DuckDB consumes the current ones, so
+  memory stays at a few chunks whatever the run's size.
 
 A filter on ``sequences`` (question, language, run) joined to a token relation does not reach the scan by
 itself: :func:`xici.warehouse.pushdown.sequence_restrictions` turns it into a set of seq_ids beforehand.
@@ -73,11 +73,11 @@ _SOURCES = {
 }
 _VALUES = {"tokens": "token_ids", "token_gates": "topk_weights", "token_logits": "router_logits"}
 
-# A query's scan reads CHUNKS_PER_READ Zarr chunks at a time, in the DuckDB thread that pulls the next Arrow
-# batch (about ROWS_PER_BATCH rows): reading threads ahead of DuckDB made its scan threads wait for the GIL
-# (up to Python's 5 ms switch interval per pull while a reading thread ran Python) and for them, on a busy
-# machine, and took 13% more CPU. Whole-sequence reads (per_read, for the means) span up to TOKENS_PER_READ
-# tokens, READ_AHEAD of them prepared in threads ahead of the consumer (Zarr decodes outside the GIL).
+# A query's scan reads CHUNKS_PER_READ Zarr chunks at a time (each chunk once), whole-sequence reads
+# (per_read, for the means) up to TOKENS_PER_READ tokens; READ_AHEAD reads, and their rows, are prepared
+# in threads ahead of the consumer (Zarr decodes outside the GIL). Rows handed to DuckDB per Arrow batch:
+# about ROWS_PER_BATCH. One chunk per read: as fast as four for full scans, faster for sequences spread
+# over the run; reading in DuckDB's own scan threads instead was no faster (benchmarks/README.md).
 CHUNKS_PER_READ = 1
 ROWS_PER_BATCH = 1 << 20
 TOKENS_PER_READ = 16384
@@ -320,11 +320,9 @@ class TokenScan(ArrowScanSource):
                 batches.append(batch.select(names))
             return batches
 
-        for plan in plans:
-            for read in _chunk_reads(plan, CHUNKS_PER_READ):
-                batches = rows(plan, read, self._read(plan, read, fields))
-                self.stats._add(read=int(read.lengths.sum()))
-                yield from batches
+        reads = ((plan, read) for plan in plans for read in _chunk_reads(plan, CHUNKS_PER_READ))
+        for batches in self._prepared(reads, fields, rows):
+            yield from batches
 
     def _prepared(
         self,
