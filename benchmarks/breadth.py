@@ -342,6 +342,8 @@ def figure(results: list[dict[str, Any]], path: Path, settings: list[str]) -> No
                 if value is not None:
                     points.setdefault(100 * World(**r["world"]).breadth, []).append(100 * value)
             xs = sorted(points)
+            if not xs:
+                continue
             means = [sum(points[x]) / len(points[x]) for x in xs]
             ax.plot(xs, means, color=color, ls=style, label=name, marker="o", ms=3)
             for x in xs:
@@ -349,9 +351,9 @@ def figure(results: list[dict[str, Any]], path: Path, settings: list[str]) -> No
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(family)
         ax.set_xlabel("routing breadth: top-k / experts (%)")
+        ax.legend(fontsize=7)
     axes[0].set_ylabel("rate difference (%)")
-    axes[0].legend(fontsize=7)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     print(f"figure: {path}")
 
 
