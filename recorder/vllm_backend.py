@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -244,6 +245,21 @@ class VLLMEngine:
         self.close()
 
 
+def _llvmlite_readable_by_vllm() -> None:
+    """Let vLLM's start-up scan of every module read llvmlite's library object.
+
+    Building the means loads numba and so ``llvmlite.binding.ffi``, whose ``lib`` answers any attribute,
+    ``__dict__`` included, with a wrapped C function. vLLM (its Triton kernel overrides) reads
+    ``vars(value).get("kernel")`` for every module attribute and fails on that object, so an engine started
+    in a process that built means (analyze, then ablate, from Python or in one test session) could not
+    start. Giving ``lib`` an empty ``__dict__`` entry in its function table makes ``vars(lib)`` a dict.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict):
+        table.setdefault("__dict__", {})
+
+
 def load_engine(
     model: str,
     *,
@@ -315,6 +331,7 @@ def load_engine(
             fix="use load_engine's own parameters for these (xici needs its worker class and its "
             "prefix-caching rule)",
         )
+    _llvmlite_readable_by_vllm()
     try:
         llm = vllm.LLM(**{**(engine_args or {}), **settings})
     except Exception as error:  # vLLM raises ValueError, RuntimeError or its own errors when it cannot start

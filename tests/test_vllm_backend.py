@@ -420,3 +420,17 @@ def test_user_mistakes_are_refused(setup: Any) -> None:
     with pytest.raises(XiciError, match="maximum model length"):
         generate_with_routing(engine, prompts[:1], max_new_tokens=CRAMPED["max_model_len"])
     assert generate_with_routing(engine, [], max_new_tokens=4) == []
+
+
+def test_llvmlite_loaded_by_a_means_build_is_readable_by_vllms_start_up_scan() -> None:
+    """vLLM's start-up reads vars(x).get for every module attribute; llvmlite's lib must give a dict.
+
+    (The suite's later engines start in a process that built means, so the start itself is covered too.)
+    """
+    import llvmlite.binding.ffi as ffi
+
+    import xici.analysis.means_kernel  # noqa: F401  (loads numba and llvmlite as a means build does)
+    from xici.recorder.vllm_backend import _llvmlite_readable_by_vllm
+
+    _llvmlite_readable_by_vllm()
+    assert vars(ffi.lib).get("kernel") is None
