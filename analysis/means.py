@@ -6,14 +6,24 @@ same names (sql/seq_means.sql, sql/lang_means.sql) give over the run's gate sums
 them with the run as it is now, and rebuilds only when the run has changed (sequences are only ever
 appended, so the counts tell).
 
-The rows of ``seq_means`` are computed while the run's gates are read from Zarr
-(:mod:`xici.analysis.means_kernel`, in the scan's threads, a read of whole sequences at a time) and
-streamed into one INSERT, so no row of ``token_gates`` is built and memory stays at a few reads however
-large the run. The kernel adds the weights as the same integers as gate_sums.sql and rounds and ranks as
-seq_means.sql does, and adds up the language means on the way, so the means have the macros' bits
-(tested). A build is one transaction: the old means deleted, the new ones and the build record inserted,
-all of it or none (an interrupted build leaves the means it found), so the means that analyses read are
-always complete and match their record.
+Where the rows come from, fastest first:
+
+- A recording commits each sequence's ``seq_means`` rows with the sequence, computed from its gate sums
+  (:meth:`xici.warehouse.Lake.commit_rows`, :mod:`xici.warehouse.sums_kernel`). When every sequence of the
+  run has them, the build only adds up the language means from the gate sums (read in threads ahead, no
+  row built): well under a full scan's time.
+- A run whose sequences all kept gate sums but whose ``seq_means`` rows are not all there: every row is
+  computed again from the sums and streamed into one INSERT.
+- A run with a sequence recorded without gate sums (before xici kept them): the rows are computed while the
+  run's gates are read from Zarr (:mod:`xici.analysis.means_kernel`, in the scan's threads, a read of whole
+  sequences at a time) and streamed into one INSERT, so no row of ``token_gates`` is built and memory
+  stays at a few reads however large the run.
+
+Every path adds the weights as the same integers as gate_sums.sql and rounds and ranks as seq_means.sql
+does, and adds up the language means on the way, so the means have the macros' bits (tested). A build is
+one transaction: the old means deleted, the new ones and the build record inserted, all of it or none (an
+interrupted build leaves the means it found), so the means that analyses read are always complete and
+match their record.
 """
 
 from __future__ import annotations
@@ -30,21 +40,11 @@ from xici.errors import XiciError
 from xici.progress import progress_bar
 from xici.sql import apply_views
 from xici.warehouse import Lake
-from xici.warehouse.scan import ScanStats
+from xici.warehouse.gates import SEQ_MEANS, UNITS, DamagedGates
+from xici.warehouse.scan import read_ahead
 
-UNITS = 4294967296.0  # 2^32: m is a multiple of 2^-32 (seq_means.sql)
 _ROWS_VIEW = "xici_means_rows"
-# The columns of seq_means after run_id, as means_kernel fills them.
-_ROWS = pa.schema(
-    [
-        ("seq_id", pa.int64()),
-        ("layer", pa.int16()),
-        ("expert", pa.int16()),
-        ("m", pa.float64()),
-        ("seq_rank", pa.int32()),
-        ("n_selected", pa.int32()),
-    ]
-)
+SUM_ROWS_PER_READ = 1 << 19  # gate sum rows per read (12 MB): 8 chunks
 
 
 @dataclass(frozen=True)
@@ -102,9 +102,13 @@ def ensure_means(lake: Lake, run_id: int) -> bool:
         ).fetchall()
         if built == [(info.n_sequences, info.n_tokens)]:
             return False
-        for table in ("seq_means", "lang_means", "seq_means_builds"):
+        for table in ("lang_means", "seq_means_builds"):
             con.execute(f"delete from {table} where run_id = ?", [run_id])
-        languages = _insert_seq_means(lake, con, info)
+        if _recorded(con, info):
+            languages = _add_languages(lake, con, info)
+        else:
+            con.execute("delete from seq_means where run_id = ?", [run_id])
+            languages = _insert_seq_means(lake, con, info)
         con.register(_ROWS_VIEW, languages.rows())
         con.execute(f"insert into lang_means select ?, * from {_ROWS_VIEW}", [run_id])
         con.unregister(_ROWS_VIEW)
@@ -115,6 +119,30 @@ def ensure_means(lake: Lake, run_id: int) -> bool:
         return True
 
     return lake.write(build)
+
+
+def _recorded(con: duckdb.DuckDBPyConnection, info: RunInfo) -> bool:
+    """Whether the run's seq_means are all in the table, committed with its sequences (every sequence
+    kept its gate sums, and each one with sums has rows)."""
+    [(missing, with_sums, with_rows)] = con.execute(
+        "select count(*) filter (where n_sums is null), count(*) filter (where n_sums > 0), "
+        "(select count(distinct seq_id) from seq_means where run_id = $run) "
+        "from sequences where run_id = $run",
+        {"run": info.run_id},
+    ).fetchall()
+    return missing == 0 and with_sums == with_rows
+
+
+def _add_languages(lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo) -> _Languages:
+    """The language means of a run whose seq_means were committed with its sequences, added up from its
+    gate sums (the same sums as :func:`_insert_seq_means`, no rows built)."""
+    languages = _Languages(con, info)
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task(f"language means of run {info.run_id}", total=info.n_tokens)
+        for tokens, (_, units, frequency) in _from_sums(lake, con, info, languages, emit=False):
+            languages.add(units, frequency)
+            bar.advance(task, tokens)
+    return languages
 
 
 class _Languages:
@@ -160,20 +188,19 @@ class _Languages:
 
 def _insert_seq_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo) -> _Languages:
     """Fill seq_means in one INSERT that DuckDB feeds from the rows of each read of the run as they are
-    computed (:meth:`TokenScan.per_read`), so reading and computing overlap with inserting; returns the
-    language means added up on the way."""
-    stats = ScanStats()
-    scan = lake.token_scan(con, "token_gates", run_ids=[info.run_id], stats=stats)
+    computed, so reading and computing overlap with inserting; returns the language means added up on the
+    way. The rows come from the gate sums recorded with the sequences (:func:`_from_sums`) or, for a run
+    with a sequence recorded without them, from its gates (:func:`_from_gates`)."""
     languages = _Languages(con, info)
-
     failed: list[BaseException] = []
 
-    def batches() -> Iterator[pa.RecordBatch]:
+    def batches(
+        reads: Iterator[tuple[int, tuple[pa.RecordBatch, np.ndarray, np.ndarray]]],
+    ) -> Iterator[pa.RecordBatch]:
         try:
-            for rows, units, frequency in scan.per_read(
-                ["topk_ids", "topk_weights"], partial(_seq_means_rows, info, languages)
-            ):
+            for tokens, (rows, units, frequency) in reads:
                 languages.add(units, frequency)  # in read order: the same sums every time
+                bar.advance(task, tokens)
                 yield rows
         except BaseException as exc:  # DuckDB passes it on as text: keep it to raise as it was
             failed.append(exc)
@@ -181,8 +208,8 @@ def _insert_seq_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo)
 
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"means of run {info.run_id}", total=info.n_tokens)
-        stats.on_change = lambda s: bar.update(task, completed=s.read)
-        con.register(_ROWS_VIEW, pa.RecordBatchReader.from_batches(_ROWS, batches()))
+        reads = _from_sums(lake, con, info, languages) or _from_gates(lake, con, info, languages)
+        con.register(_ROWS_VIEW, pa.RecordBatchReader.from_batches(SEQ_MEANS, batches(reads)))
         # One DuckDB thread (on the build's own connection): it fills whole row groups in order, which the
         # commit keeps as they are; with two, it wrote partial ones that the commit merged again (about
         # 1/3 more CPU, a 1/3 larger file). A failed read fails the INSERT and the transaction with it.
@@ -195,6 +222,95 @@ def _insert_seq_means(lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo)
             raise
         con.unregister(_ROWS_VIEW)
     return languages
+
+
+_Computed = tuple[int, tuple[pa.RecordBatch, np.ndarray, np.ndarray]]  # tokens read; rows, language sums
+
+
+def _from_gates(
+    lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo, languages: _Languages
+) -> Iterator[_Computed]:
+    """The seq_means rows of each read of the run's gates (:meth:`TokenScan.per_read`, whole sequences)."""
+    scan = lake.token_scan(con, "token_gates", run_ids=[info.run_id])  # now: DuckDB's connection is free
+    work = partial(_seq_means_rows, info, languages)
+    return scan.per_read(
+        ["topk_ids", "topk_weights"],
+        lambda seq_ids, lengths, arrays: (int(lengths.sum()), work(seq_ids, lengths, arrays)),
+    )
+
+
+def _from_sums(
+    lake: Lake, con: duckdb.DuckDBPyConnection, info: RunInfo, languages: _Languages, *, emit: bool = True
+) -> Iterator[_Computed] | None:
+    """The seq_means rows of the run's sequences from their recorded gate sums, read about
+    ``SUM_ROWS_PER_READ`` rows at a time in threads ahead; None when a sequence has none (see
+    :mod:`xici.warehouse.gates`)."""
+    seqs = con.execute(
+        "select coalesce(shard, -1) as shard, seq_id, n_tokens, sums_start, n_sums from sequences "
+        "where run_id = ? order by shard, sums_start",
+        [info.run_id],
+    ).fetchnumpy()
+    if np.ma.is_masked(seqs["n_sums"]) or np.ma.is_masked(seqs["sums_start"]):
+        return None
+    gates = lake.gates(read_only=True, con=con)
+    shards, starts = seqs["shard"].astype(np.int64), seqs["sums_start"].astype(np.int64)
+    counts = seqs["n_sums"].astype(np.int64)
+    seq_ids, lengths = seqs["seq_id"].astype(np.int64), seqs["n_tokens"].astype(np.int64)
+
+    def reads() -> Iterator[np.ndarray]:
+        """Indices of the sequences of each read: consecutive in one shard, about SUM_ROWS_PER_READ rows."""
+        breaks = np.flatnonzero(np.diff(shards)) + 1
+        for part in np.split(np.arange(len(seq_ids)), breaks):
+            blocks = np.cumsum(counts[part]) // SUM_ROWS_PER_READ
+            for block in np.split(part, np.flatnonzero(np.diff(blocks)) + 1):
+                if len(block):
+                    yield (block,)
+
+    def compute(which: np.ndarray) -> _Computed:
+        shard = int(shards[which[0]])
+        lo, hi = int(starts[which[0]]), int(starts[which[-1]] + counts[which[-1]])
+        try:
+            sums = gates.read_sums(info.run_id, lo, hi, None if shard < 0 else shard)
+        except DamagedGates as exc:
+            raise exc.hitting(starts[which], counts[which], seq_ids[which], "seq_id") from None
+        rows = _rows_from_sums(
+            info, languages, sums, starts[which] - lo, counts[which], lengths[which], seq_ids[which], emit
+        )
+        return int(lengths[which].sum()), rows
+
+    return read_ahead(reads(), compute)
+
+
+def _rows_from_sums(
+    info: RunInfo,
+    languages: _Languages,
+    sums: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    lengths: np.ndarray,
+    seq_ids: np.ndarray,
+    emit: bool,
+) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
+    """The seq_means rows (less run_id; none unless ``emit``) of some sequences from their gate sums (rows
+    ``starts`` to ``starts + counts`` of ``sums``), and their language means (unscaled sums, per language,
+    layer and expert)."""
+    from xici.warehouse.sums_kernel import seq_means  # numba: loaded only when means are built
+
+    lang_units, frequency = np.zeros_like(languages.units), np.zeros_like(languages.frequency)
+    rows = seq_means(
+        sums,
+        starts,
+        counts,
+        lengths,
+        seq_ids,
+        info.n_experts,
+        langs=languages.of(seq_ids),
+        per_lang=languages.bins,
+        lang_units=lang_units,
+        lang_frequency=frequency,
+        emit=emit,
+    )
+    return rows, lang_units, frequency
 
 
 def _seq_means_rows(
@@ -261,7 +377,7 @@ def _seq_means_rows(
         ranks(order, seq, units, first_row),
         selected,
     ]
-    return pa.RecordBatch.from_arrays([pa.array(c) for c in columns], schema=_ROWS), lang_units, frequency
+    return pa.RecordBatch.from_arrays([pa.array(c) for c in columns], schema=SEQ_MEANS), lang_units, frequency
 
 
 def weight_per_token(con: duckdb.DuckDBPyConnection, run_id: int) -> float | None:

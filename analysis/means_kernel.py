@@ -1,11 +1,14 @@
-"""The rows of ``seq_means`` for the sequences of one read of a run's gates, and their share of
-``lang_means``, compiled with numba.
+"""The rows of ``seq_means`` for the sequences of one read of a run, and their share of ``lang_means``,
+compiled with numba: from the gate sums recorded with the sequences (:func:`seq_means_from_sums`, the usual
+way), or from the gates themselves for runs recorded without them (:func:`seq_means_rows`).
 
 sql/gate_sums.sql, sql/seq_means.sql and sql/lang_means.sql over every row of ``token_gates`` are the
 definition; this is the same arithmetic in one pass over the arrays as Zarr returns them, without building
-the rows: per sequence, each weight's whole units of 2^-32 added into (layer, expert) bins as integers,
+the rows (the gate sums of :mod:`xici.warehouse.sums_kernel` are its first half, done as a run is
+recorded): per sequence, each weight's whole units of 2^-32 added into (layer, expert) bins as integers,
 ``m = round(sum / tokens)`` in those units (halves away from zero, as DuckDB's ``round``), then ``rank()``
-of m within the sequence (from numpy's sort of the read's rows: numba's own sort was slower); per
+of m within the sequence (from the gates: numpy's sort of the read's rows, numba's own sort was slower;
+from the sums: in one pass, as they are sorted); per
 language, the integers m and the frequencies ``n_selected / tokens`` added up. The integers are exact in
 any order, so seq_means and the language means have the macros' bits (tests/test_token_scan.py checks);
 the frequencies are sums of floats, added in a fixed order here (sequence after sequence within a read,
@@ -18,38 +21,12 @@ beside this file, or in the user's cache where that is read-only) happens only w
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import numba
 import numpy as np
 
-from xici.analysis.means import UNITS
+from xici.warehouse.sums_kernel import compiled, finite, units
 
 
-def _compiled(function: Callable) -> Callable:
-    """``function`` compiled without the GIL, the machine code cached on disk; where no cache folder is
-    writable (a read-only install and home), numba refuses to cache, and it is compiled in each process."""
-    try:
-        return numba.njit(nogil=True, cache=True)(function)
-    except RuntimeError:
-        return numba.njit(nogil=True)(function)
-
-
-@numba.njit(inline="always")
-def _units(value: int | float, half: bool) -> int:
-    """A gate weight in whole units of 2^-32: rounded as SQL's round() for float32 values; exact from
-    the bits for float16 (``value`` is then the float16's bits, a multiple of 2^-24 at most 65504)."""
-    if half:
-        bits = int(value)
-        exponent, mantissa = (bits >> 10) & 31, bits & 1023
-        units = mantissa << 8 if exponent == 0 else (mantissa | 1024) << (exponent + 7)
-        return -units if bits & 0x8000 else units
-    scaled = float(value) * UNITS
-    whole = np.floor(abs(scaled) + 0.5)
-    return int(-whole if scaled < 0 else whole)
-
-
-@_compiled
+@compiled
 def seq_means_rows(
     ids: np.ndarray,
     weights: np.ndarray,
@@ -82,19 +59,14 @@ def seq_means_rows(
     selected = np.zeros(per_seq, np.int32)
     token, rows = 0, 0
     for s in range(len(lengths)):
-        n = lengths[s]
-        exponents = 0  # the largest float16 exponent field: 31 is infinity or NaN
-        finite = True
+        n, ok = lengths[s], True
         for t in range(token, token + n):
             for c in range(width):
-                if half:
-                    exponents = max(exponents, int(weights[t, c]) & 0x7C00)
-                else:
-                    finite = finite and np.isfinite(weights[t, c])
+                ok = ok and finite(weights[t, c], half)
                 b = column_bin[c] + ids[t, c]
-                sums[b] += _units(weights[t, c], half)
+                sums[b] += units(weights[t, c], half)
                 selected[b] += 1
-        if exponents == 0x7C00 or not finite:
+        if not ok:
             return -1 - s
         token += n
         seq_first_row[s] = rows
@@ -118,7 +90,7 @@ def seq_means_rows(
     return rows
 
 
-@_compiled
+@compiled
 def ranks(order: np.ndarray, seq: np.ndarray, units: np.ndarray, seq_first_row: np.ndarray) -> np.ndarray:
     """rank() of m descending within each sequence (ties share the rank of the first of them), given
     ``order``: the rows sorted by sequence, then m descending."""
@@ -131,3 +103,4 @@ def ranks(order: np.ndarray, seq: np.ndarray, units: np.ndarray, seq_first_row: 
             rank = i - first + 1
         out[row] = rank
     return out
+

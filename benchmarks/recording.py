@@ -3,7 +3,8 @@
 (a) Storage. Routing of a Qwen3-30B-A3B-shaped model (48 MoE layers, 128 experts, top-8, softmax gating) is
     synthesised with realistic structure (per-layer expert popularity, a per-sequence topic component,
     token noise), written by the real writer (:class:`xici.warehouse.GateStore`, batch by batch as the
-    recorder commits) and measured on disk. Target: at most 1/8 of dense float16 logits
+    recorder commits, each sequence's gate sums with it) and measured on disk; the time the gate sums take
+    to compute, per token. Target: at most 1/8 of dense float16 logits
     (48 * 128 * 2 = 12,288 bytes per token).
 (b) Throughput. The same batch is generated greedily on a tiny random model with capture on and off
     (the recorder's own decoding loop), and with ``model.generate`` for reference; repetitions are
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from xici.warehouse import GateStore, TokenArrays
+from xici.warehouse.sums_kernel import sequence_sums
 
 LAYERS, EXPERTS, TOP_K = 48, 128, 8
 DENSE_FP16 = LAYERS * EXPERTS * 2
@@ -65,17 +67,30 @@ def storage(n_sequences: int, seed: int) -> None:
                 gate_dtype=gate_dtype,
                 store_logits=logits,
             )
+            sums_seconds = 0.0
             for start in range(0, n_sequences, 32):  # one append per committed batch, as the recorder does
                 batch = sequences[start : start + 32]
                 parts = [s if logits else TokenArrays(s.token_ids, s.topk_ids, s.topk_weights) for s in batch]
-                store.append(run_id, TokenArrays.concat(parts))
+                store.append_sequences(run_id, parts)  # tokens and gate sums
+                began = time.perf_counter()  # the gate sums alone, computed again to time them
+                sequence_sums(
+                    np.concatenate([p.topk_ids for p in parts]),
+                    np.concatenate([p.topk_weights for p in parts]).astype(gate_dtype),
+                    EXPERTS,
+                    np.array([len(p) for p in parts]),
+                )
+                sums_seconds += time.perf_counter() - began
             per_token = store.nbytes_stored(run_id) / n_tokens
+            sums = sum(
+                f.stat().st_size for f in (Path(tmp) / f"gates.zarr/runs/{run_id}/gate_sums").rglob("*")
+            )
             label = f"gates {gate_dtype}" + (" + logits" if logits else "")
             default = gate_dtype == "float16" and not logits  # what the target is for
             verdict = ("  OK" if per_token <= DENSE_FP16 / 8 else "  OVER TARGET") if default else ""
             print(
                 f"    {label:<24} {per_token:9,.0f} bytes/token "
-                f"= 1/{DENSE_FP16 / per_token:5.1f} of dense{verdict}"
+                f"= 1/{DENSE_FP16 / per_token:5.1f} of dense{verdict} (gate sums {sums / n_tokens:,.0f} "
+                f"bytes/token, computed in {sums_seconds / n_tokens * 1e6:.1f} us/token)"
             )
 
 

@@ -182,7 +182,9 @@ def content(lake: Lake) -> dict[str, Any]:
 
     def read(con: Any) -> tuple[Any, ...]:
         run_key = con.execute("select run_key, n_units, status from runs").fetchall()
-        seqs = con.execute("select * exclude (shard, token_start) from sequences order by seq_id").fetchall()
+        seqs = con.execute(
+            "select * exclude (shard, token_start, sums_start) from sequences order by seq_id"
+        ).fetchall()
         where = con.execute("select seq_id, run_id, shard, token_start, n_tokens from sequences").fetchall()
         grades = con.execute("select * exclude (graded_at) from grades order by seq_id, grader").fetchall()
         return run_key, seqs, where, grades

@@ -12,8 +12,10 @@ use; the start-up, registering the token relations, is timed with it) and throug
 connection whose ``token_gates`` and ``sequences`` are views of the Parquet files; rounds interleave the
 two, and the figures are medians of wall seconds, with the ratio measured in the same run. Peak memory:
 the largest resident size this process reached during the query, less the size before it.
-Also timed: building the means (seq_means, lang_means) on a copy of the warehouse that reads the same gate
-store, against the full scan.
+Also timed: building the means on a copy of the warehouse that reads the same gate store, against the full
+scan: as a recording leaves the lake (seq_means committed with the sequences; the build adds up lang_means
+from the gate sums) and with seq_means lost (built again from the gate sums, every row); and what
+committing the seq_means rows with the sequences costs a recording, in all.
 
 Targets (issue 14): selective queries at most 2x Parquet plus under 1 s of start-up; full scans at most
 1.5x Parquet, memory well under 1 GB; the means at most 1.5x a full scan.
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import numpy as np
 
 from analysis import PAPER
 from xici.analysis.means import ensure_means
@@ -215,19 +218,61 @@ def main() -> None:
         )
     if args.no_means or not full_scan:
         return
+    full = QUERIES["full scan: per layer count, sum(weight)"][1]
     with tempfile.TemporaryDirectory(prefix="xici-means-") as scratch:
         copy = means_copy(lake, Path(scratch) / "lake")
-        builds, scans = [], []
-        for _ in range(args.rounds):
-            copy.write(lambda con: con.execute("delete from seq_means_builds"))
-            seconds, mb, _ = timed(lambda: ensure_means(copy, run_id))
-            builds.append(seconds)
-            scans.append(timed(xici_query(lake, QUERIES["full scan: per layer count, sum(weight)"][1]))[0])
-        m, s = statistics.median(builds), statistics.median(scans)
+        for label, lost in MEANS.items():
+            builds, scans, peaks = [], [], []
+            for _ in range(args.rounds):
+                copy.write(lambda con, lost=lost: con.execute(f"{lost}; delete from seq_means_builds"))
+                seconds, mb, _ = timed(lambda: ensure_means(copy, run_id))
+                builds.append(seconds), peaks.append(mb)
+                scans.append(timed(xici_query(lake, full))[0])
+            m, s = statistics.median(builds), statistics.median(scans)
+            print(
+                f"{label}: {m:.2f} s, full scan {s:.2f} s: {m / s:.2f}x "
+                f"(rounds: {_ratios(builds, scans)}); peak {max(peaks) / 1e6:.0f} MB"
+            )
+        seconds, commits = committed_means(copy, run_id)
         print(
-            f"means (seq_means + lang_means): {m:.2f} s, full scan {s:.2f} s: {m / s:.2f}x "
-            f"(rounds: {_ratios(builds, scans)}); peak {mb / 1e6:.0f} MB"
+            f"seq_means committed with the sequences, as recording does: {seconds:.2f} s in all for the run "
+            f"({commits} commits of {PAPER.sequences_per_commit} sequences, {seconds / commits * 1e3:.0f} ms "
+            "each)"
         )
+
+
+# The means build, after what it finds: seq_means committed with the sequences (what a recording leaves),
+# or none (a lake whose seq_means were lost: built again from the gate sums, every row).
+MEANS = {
+    "means (lang_means; seq_means as recorded)": "select 1",
+    "means (seq_means from the gate sums + lang_means)": "delete from seq_means",
+}
+
+
+def committed_means(lake: Lake, run_id: int) -> tuple[float, int]:
+    """Seconds to commit the run's seq_means rows as recording does (:meth:`Lake._commit_seq_means`, from
+    the gate sums read back), in transactions of ``sequences_per_commit`` sequences, on the lake's copy."""
+    lake.write(lambda con: con.execute("delete from seq_means; delete from seq_means_builds"))
+    seqs = lake.read(
+        lambda con: con.execute(
+            "select seq_id, n_tokens, sums_start, n_sums from sequences where run_id = ? order by seq_id",
+            [run_id],
+        ).fetchnumpy()
+    )
+    step, total = PAPER.sequences_per_commit, 0.0
+    for first in range(0, len(seqs["seq_id"]), step):
+        part = {name: values[first : first + step] for name, values in seqs.items()}
+        sums_at = np.append(part["sums_start"], part["sums_start"][-1] + part["n_sums"][-1])
+
+        def commit(con: duckdb.DuckDBPyConnection, part: dict = part, sums_at: np.ndarray = sums_at) -> None:
+            lake._commit_seq_means(
+                con, run_id, None, list(part["seq_id"]), part["n_tokens"], list(part["n_sums"]), sums_at
+            )
+
+        start = time.perf_counter()
+        lake.write(commit)
+        total += time.perf_counter() - start
+    return total, -(-len(seqs["seq_id"]) // step)
 
 
 def _ratios(ours: list[float], theirs: list[float]) -> str:

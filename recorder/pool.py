@@ -25,8 +25,8 @@ from xici.errors import XiciError
 from xici.recorder.asking import Answer, Asker, AskerSpec, Unit, check_backend
 from xici.recorder.generator import resolve_device
 from xici.recorder.grading import store_grades, store_thinking
-from xici.warehouse import GateStore, Lake, TokenArrays
-from xici.warehouse.gates import Shard
+from xici.warehouse import GateStore, Lake
+from xici.warehouse.gates import Appended, Shard
 
 
 @dataclass(frozen=True)
@@ -41,26 +41,22 @@ class Job:
 
 @dataclass(frozen=True)
 class Written:
-    """A batch asked, its tokens appended to the gate store from ``start`` (one sequence after the other):
-    everything the warehouse commit needs, and small enough to send between processes."""
+    """A batch asked, its tokens and gate sums appended to the gate store (``appended``): everything the
+    warehouse commit needs, and small enough to send between processes."""
 
     rows: list[dict[str, Any]]
     shard: Shard
-    start: int
-    lengths: list[int]
+    appended: Appended
     grades: list[Grade]
     thinking: list[str | None]
 
 
 def write_answers(gates: GateStore, run_id: int, answers: Sequence[Answer], shard: Shard = None) -> Written:
     """Append the answers' token arrays to the run's arrays (or to ``shard``); nothing is committed yet."""
-    arrays = [a.generation.routing for a in answers]
-    start = gates.append(run_id, TokenArrays.concat(arrays), shard)
     return Written(
         [a.sequence_row() for a in answers],
         shard,
-        start,
-        [len(a) for a in arrays],
+        gates.append_sequences(run_id, [a.generation.routing for a in answers], shard),
         [a.grade for a in answers],
         [a.thinking for a in answers],
     )
@@ -75,9 +71,7 @@ def commit_written(lake: Lake, run_id: int, written: Written, grader: Grader) ->
 
     try:
         lake.retrying(
-            lambda _: lake.commit_rows(
-                run_id, written.rows, written.start, written.lengths, shard=written.shard, also=also
-            )
+            lambda _: lake.commit_rows(run_id, written.rows, written.appended, shard=written.shard, also=also)
         )
     except duckdb.IOException as exc:
         raise XiciError(

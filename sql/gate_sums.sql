@@ -7,9 +7,10 @@
 --     create view my_gates as from 'gates.parquet';
 --     create view my_sums as from gate_sums('my_gates');
 --     select * from seq_means('my_sums');
--- Inside xici the same integers are added in compiled code while the run's gates are read from Zarr, and
--- seq_means and lang_means are taken from them there (analysis/means_kernel.py), so no row of token_gates
--- is built; a test checks that both give the same bits.
+-- Inside xici the same integers are added in compiled code as each sequence is recorded and kept next to its
+-- gates (warehouse/sums_kernel.py; gate_sums in the gate store), and seq_means and lang_means are taken from
+-- them (analysis/means_kernel.py), so no row of token_gates is built; tests check that both give the same
+-- bits.
 --
 -- Determinism: each weight is rounded to a whole number of units of 2^-32 (2.3e-10, far below float16 gate
 -- precision) and the integers are added, so the sum does not depend on the order DuckDB's parallel

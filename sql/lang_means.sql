@@ -9,7 +9,7 @@
 --
 -- Reads the table seq_means. xici stores what this macro gives in the table of the same name, `lang_means`
 -- (non-zero means only), whenever it (re)builds a run's means: `from lang_means` is the stored table,
--- `from lang_means(1)` computes it. The build adds the same sums up as it reads the gates
+-- `from lang_means(1)` computes it. The build adds the same sums up as it computes seq_means
 -- (analysis/means_kernel.py): the mean has this macro's bits (sums of multiples of 2^-32 are exact in
 -- any order); the frequency, a sum of floats, is added in a fixed order there and in the order DuckDB's
 -- threads take here, so the two can differ in the last bits.

@@ -4,8 +4,8 @@
 --
 -- `sums` names a relation shaped like the output of gate_sums.sql (seq_id, layer, expert, weight_sum,
 -- n_selected). xici stores what this macro gives in the table of the same name, `seq_means`, once per run
--- (`from seq_means` is the stored table, `from seq_means('...')` computes it), computed with the same
--- integers as it reads the gates (analysis/means_kernel.py; a test checks the bits); by hand, over any
+-- (`from seq_means` is the stored table, `from seq_means('...')` computes it), computed from the gate sums
+-- recorded with the sequences (analysis/means_kernel.py; a test checks the bits); by hand, over any
 -- relation shaped like `token_gates` (see gate_sums.sql):
 --     with sums as (from gate_sums('my_gates')) select * from seq_means('sums');
 --

@@ -18,7 +18,7 @@ from xici.errors import XiciError
 from xici.testbed.synthetic_lake import SyntheticSpec, write_synthetic_lake
 from xici.warehouse import Lake
 from xici.warehouse import gates as gates_module
-from xici.warehouse.gates import DamagedGates, GateStore
+from xici.warehouse.gates import Appended, DamagedGates, GateStore
 
 SPEC = SyntheticSpec(questions=((24, 6),), accuracy=(0.7, 0.3), difficulty=0.5)
 
@@ -30,7 +30,9 @@ def xici(lake: Path, *args: str) -> Result:
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("template") / "lake"
-    write_synthetic_lake(Lake(root), SPEC)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gates_module, "SUM_CHUNK_ROWS", 4096)  # gate sums in several chunks too
+        write_synthetic_lake(Lake(root), SPEC)
     return root
 
 
@@ -60,6 +62,11 @@ def sequences_in(lake: Lake, lo: int, hi: int) -> list[int]:
     )
 
 
+def without_sums(lake: Lake) -> None:
+    """Make run 1 look recorded before gate sums were kept: its means are then taken from its gates."""
+    lake.write(lambda con: con.execute("update sequences set sums_start = null, n_sums = null"))
+
+
 def test_missing_chunk_is_an_error_for_every_reader(lake: Lake) -> None:
     store = lake.gates(read_only=True)
     size = 4096
@@ -73,6 +80,7 @@ def test_missing_chunk_is_an_error_for_every_reader(lake: Lake) -> None:
     assert "chunk 1 is missing" in raised.value.message
     assert len(store.read(1, 0, size)) == size  # the intact chunk before it still reads
 
+    without_sums(lake)  # so that the analysis reads the gates
     analyzed = xici(lake.root, "analyze", "--run", "1")
     assert analyzed.exit_code == 1 and "Traceback" not in analyzed.output
     first, *_, last = sequences_in(lake, size, 2 * size)
@@ -89,6 +97,7 @@ def test_missing_chunk_is_an_error_for_every_reader(lake: Lake) -> None:
 def test_garbage_chunk_fails_its_checksum(lake: Lake) -> None:
     path = chunk(lake, "topk_ids", 2)  # an array the analysis reads (it never needs token_ids)
     path.write_bytes(os.urandom(path.stat().st_size))
+    without_sums(lake)
     analyzed = xici(lake.root, "analyze", "--run", "1")
     assert analyzed.exit_code == 1 and "Traceback" not in analyzed.output
     assert "topk_ids, tokens 8192-12287" in analyzed.output
@@ -195,9 +204,12 @@ def test_lake_check_passes_an_intact_lake_and_changes_nothing(lake: Lake) -> Non
     assert code == 0, rows
     assert list(rows) == ["schema", "identity", "tokens", "orphans", "running", "analyses"]
     assert all(status == "ok" for status, _ in rows.values())
-    n = lake.read(lambda con: con.execute("select count(*), sum(n_tokens) from sequences").fetchall()[0])
+    n = lake.read(
+        lambda con: con.execute("select count(*), sum(n_tokens), sum(n_sums) from sequences").fetchall()[0]
+    )
+    assert n[2] > n[0]
     assert rows["tokens"][1].startswith(
-        f"{n[0]:,} sequences, {n[1]:,} tokens: every chunk present and intact"
+        f"{n[0]:,} sequences, {n[1]:,} tokens, {n[2]:,} gate sum rows: every chunk present and intact"
     )
     assert lake.identity() in rows["identity"][1]
     assert gate_files(lake.root) == before  # warehouse and gate store untouched
@@ -282,7 +294,7 @@ def test_lake_check_reads_shards(lake: Lake) -> None:
     store.append(1, tokens, shard=committed)
     row = dict.fromkeys(("question_id", "lang", "prompt_text", "response_text", "finish_reason"), "x")
     rows = [{**row, "unit": 10_000 + i, "n_prompt_tokens": 1, "n_generated": 1} for i in range(2)]
-    lake.commit_rows(1, rows, 0, [2500, 2500], shard=committed)
+    lake.commit_rows(1, rows, Appended(0, [2500, 2500]), shard=committed)
     code, found = check(lake)
     assert found["tokens"][0] == "ok" and "146 sequences" in found["tokens"][1]
     assert "token arrays of 2 of 2 runs and shards with checksums" in found["tokens"][1]
@@ -294,3 +306,69 @@ def test_lake_check_reads_shards(lake: Lake) -> None:
     code, found = check(lake)
     assert code == 1
     assert found["tokens"][1].startswith(f"the token arrays of shard {committed} of run 1 are damaged")
+
+
+def sums_of(lake: Lake, lo: int, hi: int) -> list[int]:
+    """seq_ids of run 1 whose gate sum rows overlap [lo, hi)."""
+    return lake.read(
+        lambda con: [
+            r[0]
+            for r in con.execute(
+                "select seq_id from sequences where run_id = 1"
+                " and sums_start < ? and sums_start + n_sums > ? order by 1",
+                [hi, lo],
+            ).fetchall()
+        ]
+    )
+
+
+def test_damaged_gate_sums_are_an_error_never_means(lake: Lake) -> None:
+    """The language means are added up from the gate sums recorded with the sequences: a missing or
+    garbled chunk of them stops the build naming the sequences it holds, and xici lake check finds both."""
+    size = 4096  # the template's
+    assert lake.gates(read_only=True).sums_length(1) > 2 * size
+    chunk(lake, "gate_sums", 0).unlink()
+    analyzed = xici(lake.root, "analyze", "--run", "1")
+    assert analyzed.exit_code == 1 and "Traceback" not in analyzed.output
+    first, *_, last = sums_of(lake, 0, size)
+    assert f"run 1 are damaged: gate_sums, rows 0-{size - 1} (seq_id {first}-{last})" in analyzed.output
+    assert "chunk 0 is missing" in analyzed.output
+    garbage = chunk(lake, "gate_sums", 1)
+    garbage.write_bytes(os.urandom(garbage.stat().st_size))
+    code, rows = check(lake)
+    assert code == 1 and rows["tokens"][0] == "FAIL"
+    assert f"gate_sums, rows 0-{size - 1} (seq_id {first}-{last}): chunk 0 is missing" in rows["tokens"][1]
+    assert (
+        f"gate_sums, rows {size}-" in rows["tokens"][1] and "chunk 1 fails its checksum" in rows["tokens"][1]
+    )
+    assert lake.read(lambda con: con.execute("select count(*) from lang_means").fetchone()[0]) == 0
+    shutil.rmtree(lake.zarr_path / "runs/1/gate_sums")  # the whole array gone
+    analyzed = xici(lake.root, "analyze", "--run", "1")
+    assert analyzed.exit_code == 1 and "Traceback" not in analyzed.output
+    assert (
+        "gate_sums, rows 0-" in analyzed.output
+        and "committed rows, but there is no gate_sums" in analyzed.output
+    )
+    assert "there is no gate_sums array" in check(lake)[1]["tokens"][1]
+
+
+def test_gate_sums_a_crash_left_are_cut_and_found(lake: Lake) -> None:
+    """Gate sums appended without their commit (a crash) are orphans for xici lake check, and resuming
+    the run cuts them with the tokens, so the next commit follows the committed rows."""
+    store = lake.gates()
+    committed = store.sums_length(1)
+    appended = store.append_sequences(1, [store.read(1, 0, 40), store.read(1, 40, 100)])
+    assert appended.sums_start == committed and all(n > 0 for n in appended.n_sums)
+    extra = sum(appended.n_sums)
+    assert f"run 1: {extra:,} gate sum rows past the committed ones" in check(lake)[1]["orphans"][1]
+    lake.resume(1)
+    assert store.sums_length(1) == committed and check(lake)[0] == 0
+    row = dict.fromkeys(("question_id", "lang", "prompt_text", "response_text", "finish_reason"), "x")
+    appended = store.append_sequences(1, [store.read(1, 0, 40)])
+    lake.commit_rows(1, [{**row, "unit": 10_000, "n_prompt_tokens": 1, "n_generated": 1}], appended)
+    assert lake.read(
+        lambda con: con.execute(
+            "select sums_start, n_sums from sequences order by seq_id desc limit 1"
+        ).fetchall()
+    ) == [(committed, appended.n_sums[0])]
+    assert check(lake)[0] == 0

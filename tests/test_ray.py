@@ -92,7 +92,7 @@ def lake_state(lake: Lake) -> dict[str, Any]:
             run["params"]["engine"] = _without_ray(run["params"]["engine"])
             runs.append(run)
         tables = {
-            "sequences": "select * exclude (shard, token_start) from sequences order by seq_id",
+            "sequences": "select * exclude (shard, token_start, sums_start) from sequences order by seq_id",
             "grades": "select * exclude (graded_at) from grades order by seq_id, grader",
             "thinking": "select * from thinking order by seq_id",
             "ablations": "select * from ablations order by run_id",

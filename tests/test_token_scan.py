@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_recorder_support import new_lake
 
+from xici.analysis import means
 from xici.analysis.means import ensure_means
 from xici.errors import XiciError
 from xici.recorder.run import RecordSpec, record
@@ -346,14 +347,15 @@ def test_float16_widened_by_bits_equals_numpy(flush_denormals: bool) -> None:
 
 
 def test_kernel_takes_every_float16_weight_in_exact_units() -> None:
-    """The means kernel reads a float16 weight's value from its bits: every finite bit pattern (zeros,
-    subnormals, negatives) gives the whole units of 2^-32 that gate_sums.sql rounds it to."""
-    from xici.analysis.means_kernel import _units
+    """The gate sums kernel (and so the means) reads a float16 weight's value from its bits: every finite
+    bit pattern (zeros, subnormals, negatives) gives the whole units of 2^-32 that gate_sums.sql rounds it
+    to."""
+    from xici.warehouse.sums_kernel import units
 
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     finite = every[np.isfinite(every.view(np.float16))]
     expected = finite.view(np.float16).astype(np.float64) * 2.0**32  # whole numbers already
-    got = np.array([_units(int(bits), True) for bits in finite], dtype=np.int64)
+    got = np.array([units(int(bits), True) for bits in finite], dtype=np.int64)
     assert np.array_equal(got, expected.astype(np.int64))
 
 
@@ -374,6 +376,12 @@ def test_means_refuse_gates_that_are_not_routing(
     lake = Lake(tmp_path / "lake")
     run_id = write_synthetic_lake(lake, SyntheticSpec(questions=((4, 3),))).run_id
     lake.gates().array(run_id, field)[150, 2, 1] = value
+    # as recorded before gate sums were kept, so the means are taken from the gates
+    lake.write(
+        lambda con: con.execute(
+            "update sequences set sums_start = null, n_sums = null; delete from seq_means"
+        )
+    )
     with lake.connect(read_only=True) as con:
         [(seq_id,)] = con.execute(
             "select seq_id from sequences where token_start <= 150 and token_start + n_tokens > 150"
@@ -381,3 +389,70 @@ def test_means_refuse_gates_that_are_not_routing(
     with pytest.raises(XiciError, match=message.format(seq_id=seq_id, run_id=run_id)):
         ensure_means(lake, run_id)
     assert run(lake, "select count(*) from seq_means")[0] == [(0,)]
+
+
+def test_means_from_gate_sums_are_the_means_from_gates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seq_means committed with the sequences, computed from their gate sums, are the means that reading
+    the gates gives (the same bits; the language frequencies to the last bits); the build adds up the
+    language means from the sums, read in many small parts, without reading the gates; seq_means rows
+    missing are built again from the sums; a run without sums (recorded before they were kept) is built
+    from its gates."""
+    monkeypatch.setattr(means, "SUM_ROWS_PER_READ", 1000)
+    lake = Lake(tmp_path / "lake")
+    run_id = write_synthetic_lake(lake, SyntheticSpec(questions=((12, 5),))).run_id
+    chunk = lake.zarr_path / f"runs/{run_id}/topk_weights/c/1/0/0"
+    stored = chunk.read_bytes()
+    chunk.unlink()  # building from the sums never reads it
+    assert ensure_means(lake, run_id)
+    query = "select seq_id, layer, expert, m, seq_rank, n_selected from seq_means order by all"
+    from_sums, _ = run(lake, query)
+    lang = "select lang, layer, expert, mean, frequency from lang_means order by all"
+    lang_from_sums, _ = run(lake, lang)
+    assert len(from_sums) > 3 * 1000
+    with lake.connect(read_only=True) as con:  # committed with the sequences: the build added up languages
+        assert con.execute("select count(*) from seq_means").fetchone()[0] == len(from_sums)
+
+    def some_rows_lost(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("delete from seq_means where seq_id % 3 = 0")
+        con.execute("delete from seq_means_builds")
+
+    lake.write(some_rows_lost)  # seq_means incomplete: built again from the sums, every row
+    assert ensure_means(lake, run_id)
+    assert run(lake, query)[0] == from_sums and run(lake, lang)[0] == lang_from_sums
+
+    def without_sums(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("update sequences set sums_start = null, n_sums = null")
+        con.execute("delete from seq_means_builds")
+
+    lake.write(without_sums)
+    with pytest.raises(XiciError, match=r"topk_weights, tokens 4096-.*chunk 1 is missing"):
+        ensure_means(lake, run_id)
+    chunk.write_bytes(stored)
+    assert ensure_means(lake, run_id)
+    assert run(lake, query)[0] == from_sums
+    lang_from_gates, _ = run(lake, lang)
+    assert [row[:4] for row in lang_from_gates] == [row[:4] for row in lang_from_sums]
+    assert [row[4] for row in lang_from_gates] == pytest.approx([row[4] for row in lang_from_sums], rel=1e-12)
+
+
+def test_a_sequence_with_a_weight_that_is_not_a_number_keeps_no_sums(tmp_path: Path) -> None:
+    """Recording a sequence whose gates hold an infinite weight keeps no gate sums for it (NULL), so its
+    run's means are taken from the gates, which stops with the error naming it."""
+    lake = Lake(tmp_path / "lake")
+    run_id = write_synthetic_lake(lake, SyntheticSpec(questions=((4, 3),))).run_id
+    store = lake.gates()
+    bad = store.read(run_id, 0, 30)
+    bad.topk_weights[7, 1, 0] = np.inf
+    appended = store.append_sequences(run_id, [store.read(run_id, 30, 60), bad])
+    assert appended.n_sums[0] > 0 and appended.n_sums[1] is None
+    row = dict.fromkeys(("question_id", "lang", "prompt_text", "response_text", "finish_reason"), "x")
+    rows = [{**row, "unit": 1000 + i, "n_prompt_tokens": 1, "n_generated": 1} for i in range(2)]
+    good_id, bad_id = lake.commit_rows(run_id, rows, appended)
+    with lake.connect(read_only=True) as con:
+        assert con.execute(
+            "select seq_id, sums_start is null, n_sums from sequences where seq_id >= ? order by 1", [good_id]
+        ).fetchall() == [(good_id, False, appended.n_sums[0]), (bad_id, True, None)]
+    with pytest.raises(XiciError, match=f"sequence {bad_id} of run {run_id} has a gate weight that is not a"):
+        ensure_means(lake, run_id)

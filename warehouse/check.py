@@ -1,11 +1,11 @@
 """A read-only consistency check of a lake (``xici lake check``, an fsck).
 
 What it checks: the warehouse's schema version; the lake's identity against the gate store's owner; that
-every committed sequence's tokens are in the gate store, every chunk present and intact (checksums, or a
-decode for arrays written before checksums); that the store holds nothing the warehouse does not account
-for (arrays of unknown runs, shards without a committed sequence, tokens past the committed ones of a
-finished run); and runs left 'running' by a process that is gone. The analyses' part (inputs changed since)
-is :func:`xici.analysis.identify.changed_analyses`.
+every committed sequence's tokens and gate sums are in the gate store, every chunk present and intact
+(checksums, or a decode for arrays written before checksums); that the store holds nothing the warehouse does
+not account for (arrays of unknown runs, shards without a committed sequence, tokens or gate sum rows past the
+committed ones of a finished run); and runs left 'running' by a process that is gone. The analyses' part
+(inputs changed since) is :func:`xici.analysis.identify.changed_analyses`.
 
 Nothing is written: the warehouse is opened read-only at the schema version it has (an older one is not
 migrated), the gate store read-only and without being claimed. Chunks with checksums are checked without
@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import duckdb
 
 from xici.warehouse.db import connect, migrations, schema_version
-from xici.warehouse.gates import GateStore, Shard, id_ranges
+from xici.warehouse.gates import SUMS, GateStore, Shard, id_ranges
 from xici.warehouse.lake import Lake
 
 #: Problems listed in a finding's detail before the rest is counted.
 _LISTED = 8
 
-Committed = dict[tuple[int, Shard], tuple[int, int]]  # (run, shard) -> (sequences, committed tokens)
+# (run, shard) -> (sequences, committed tokens, committed gate sum rows)
+Committed = dict[tuple[int, Shard], tuple[int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,15 @@ def check_lake(
     runs = dict(con.execute("select run_id, status from runs").fetchall())
     identity = _identity(con, store, runs)
     findings.append(identity)
+    has_sums = con.execute(
+        "select count(*) from information_schema.columns"
+        " where table_name = 'sequences' and column_name = 'n_sums'"
+    ).fetchone()[0]
+    sums = "coalesce(max(sums_start + n_sums), 0)" if has_sums else "0"  # older schemas: no gate sums
     committed = {
-        (run_id, shard): (n, end)
-        for run_id, shard, n, end in con.execute(
-            "select run_id, shard, count(*), max(token_start + n_tokens) from sequences group by all"
+        (run_id, shard): (n, end, sum_rows)
+        for run_id, shard, n, end, sum_rows in con.execute(
+            f"select run_id, shard, count(*), max(token_start + n_tokens), {sums} from sequences group by all"
         ).fetchall()
     }
     if identity.ok:
@@ -133,7 +139,7 @@ def _tokens(
 ) -> Finding:
     """Every committed token range present and intact."""
     present = {key: store.has_run(*key) for key in committed}
-    total = sum(end * len(store.fields(*key)) for key, (_, end) in committed.items() if present[key])
+    total = sum(end * len(store.fields(*key)) for key, (_, end, _) in committed.items() if present[key])
     done, problems, checksummed = 0, [], 0
 
     def advance(tokens: int) -> None:
@@ -142,29 +148,32 @@ def _tokens(
         if on_tokens is not None:
             on_tokens(done, total)
 
-    for (run_id, shard), (n, end) in sorted(
+    for (run_id, shard), (n, end, sums) in sorted(
         committed.items(), key=lambda i: (i[0][0], -1 if i[0][1] is None else i[0][1])
     ):
         if not present[(run_id, shard)]:
             problems.append(f"{_of(run_id, shard)}: {n:,} sequences committed, but no token arrays")
             continue
         checksummed += store.has_checksums(run_id, shard)
-        for damage in store.verify(run_id, end, shard, progress=advance):
+        for damage in store.verify(run_id, end, shard, sums=sums, progress=advance):
+            start, length = ("sums_start", "n_sums") if damage.field == SUMS else ("token_start", "n_tokens")
             seq_ids = con.execute(
                 "select seq_id from sequences where run_id = ? and shard is not distinct from ?"
-                " and token_start < ? and token_start + n_tokens > ?",
+                f" and {start} < ? and {start} + {length} > ?",
                 [run_id, shard, damage.tokens[1], damage.tokens[0]],
             ).fetchnumpy()["seq_id"]
             problems.append(damage.naming(f"seq_id {id_ranges(seq_ids)}").what)
     if problems:
         return Finding("tokens", False, _listed(problems))
-    n_sequences = sum(n for n, _ in committed.values())
-    n_tokens = sum(end for _, end in committed.values())
+    n_sequences = sum(n for n, _, _ in committed.values())
+    n_tokens = sum(end for _, end, _ in committed.values())
+    n_sums = sum(sums for _, _, sums in committed.values())
     older = "" if checksummed == len(committed) else ", the older ones decoded"
     return Finding(
         "tokens",
         True,
-        f"{n_sequences:,} sequences, {n_tokens:,} tokens: every chunk present and intact (token arrays of "
+        f"{n_sequences:,} sequences, {n_tokens:,} tokens, {n_sums:,} gate sum rows: every chunk present and "
+        "intact (token arrays of "
         f"{checksummed} of {len(committed)} runs and shards with checksums{older})",
     )
 
@@ -179,12 +188,16 @@ def _orphans(store: GateStore, runs: dict[int, str], committed: Committed) -> Fi
         if runs[run_id] != "finished":
             continue  # resuming cuts whatever a stopped writer left
         for shard in [None, *store.shards(run_id)]:
-            end = committed.get((run_id, shard), (0, 0))[1]
+            _, end, sums = committed.get((run_id, shard), (0, 0, 0))
             if shard is not None and end == 0:
                 problems.append(f"{_of(run_id, shard)}: a shard without any committed sequence")
-            elif store.length(run_id, shard) > end:
+                continue
+            if store.length(run_id, shard) > end:
                 extra = store.length(run_id, shard) - end
                 problems.append(f"{_of(run_id, shard)}: {extra:,} tokens past the committed ones")
+            if store.sums_length(run_id, shard) > sums:
+                extra = store.sums_length(run_id, shard) - sums
+                problems.append(f"{_of(run_id, shard)}: {extra:,} gate sum rows past the committed ones")
     if problems:
         return Finding("orphans", False, _listed(problems))
     return Finding("orphans", True, "none: every array belongs to a run and holds only committed tokens")

@@ -6,7 +6,15 @@ Layout (Zarr v3), for run ``R`` with T tokens, L MoE layers, top-k routing over 
     runs/R/topk_ids       uint8   [T, L, k]   (uint16 when E > 256)
     runs/R/topk_weights   float16 [T, L, k]   (float32 with gate_dtype="float32")
     runs/R/router_logits  float16 [T, L, E]   (only with store_logits)
-    runs/R/shards/S/...   the same four arrays, once per shard S of a scaled-out run
+    runs/R/gate_sums      int64   [S, 3]      per sequence: (layer * E + expert, weight sum, n_selected)
+    runs/R/shards/S/...   the same arrays, once per shard S of a scaled-out run
+
+``gate_sums`` holds what sql/gate_sums.sql gives for each sequence (weight sums in whole units of 2^-32), the
+rows of a sequence together and sorted by the sum (:mod:`xici.warehouse.sums_kernel`), written with its
+tokens (:meth:`GateStore.append_sequences`): building the means reads these rows, about 1/40 of the gates,
+instead of every token. The warehouse's ``sequences.sums_start`` and ``n_sums`` say where a sequence's rows
+are; NULL (a run recorded before sums were kept, a sequence with a weight that is not a finite number, tokens
+appended without them) means the means are taken from the gates themselves.
 
 A run recorded by one process appends to its own arrays; the workers of a scaled-out run (:mod:`xici.recorder.
 ray_pool`) each append to a shard of their own, so no two processes ever write one array. Arrays are chunked
@@ -32,13 +40,14 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 import google_crc32c
 import numpy as np
+import pyarrow as pa
 import zarr
 import zarr.abc.store
 import zarr.core.buffer
@@ -53,6 +62,20 @@ from xici.errors import XiciError, storage_error
 FIELDS = ("token_ids", "topk_ids", "topk_weights", "router_logits")
 GATE_DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_TOKENS = 4096
+SUMS = "gate_sums"
+SUM_CHUNK_ROWS = 65536
+UNITS = 4294967296.0  # 2^32: weight sums and means are whole multiples of 2^-32 (sql/gate_sums.sql)
+# The columns of the warehouse table seq_means after run_id, as the gate sums give them (sums_kernel).
+SEQ_MEANS = pa.schema(
+    [
+        ("seq_id", pa.int64()),
+        ("layer", pa.int16()),
+        ("expert", pa.int16()),
+        ("m", pa.float64()),
+        ("seq_rank", pa.int32()),
+        ("n_selected", pa.int32()),
+    ]
+)
 # The checksum comes last, so it covers the compressed bytes as stored.
 _COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
 # Write a chunk even when it holds only the fill value: a missing chunk is then always damage.
@@ -135,7 +158,8 @@ Shard = int | None  # a shard of a scaled-out run; None: the run's own arrays
 
 
 class DamagedGates(XiciError):
-    """A committed token range of a run whose chunk is missing, or does not decode / fails its checksum."""
+    """A committed token range of a run (or range of its gate sums' rows: ``tokens`` holds them then) whose
+    chunk is missing, or does not decode / fails its checksum."""
 
     FIX = (
         "xici lake check lists every damaged run; restore the gate store from a backup, or record the run "
@@ -151,8 +175,9 @@ class DamagedGates(XiciError):
     def _what(self, sequences: str) -> str:
         of = f"run {self.run_id}" if self.shard is None else f"shard {self.shard} of run {self.run_id}"
         first, last = self.tokens[0], self.tokens[1] - 1
+        axis = "rows" if self.field == SUMS else "tokens"
         return (
-            f"the token arrays of {of} are damaged: {self.field}, tokens {first}-{last}{sequences}: "
+            f"the token arrays of {of} are damaged: {self.field}, {axis} {first}-{last}{sequences}: "
             f"{self.problem}"
         )
 
@@ -256,6 +281,7 @@ class GateStore:
             specs["router_logits"] = ((n_layers, n_experts), np.dtype(gate_dtype))
         attrs = {"n_layers": n_layers, "top_k": top_k, "n_experts": n_experts}
         self._create_arrays(self._key(run_id), specs, attrs, chunk_tokens)
+        self._create_arrays(self._key(run_id), _SUM_SPEC, {}, SUM_CHUNK_ROWS)
 
     def _create_arrays(
         self, key: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dict, chunk_tokens: int
@@ -292,6 +318,8 @@ class GateStore:
         specs = {name: (run[name].shape[1:], run[name].dtype) for name in self.fields(run_id)}
         chunk_tokens = run["token_ids"].chunks[0]
         self._create_arrays(self._key(run_id, shard), specs, dict(run.attrs), chunk_tokens)
+        if SUMS in run:
+            self._create_arrays(self._key(run_id, shard), _SUM_SPEC, {}, SUM_CHUNK_ROWS)
         return shard
 
     def drop_shard(self, run_id: int, shard: int) -> None:
@@ -308,14 +336,26 @@ class GateStore:
     def length(self, run_id: int, shard: Shard = None) -> int:
         return int(self._group(run_id, shard)["token_ids"].shape[0])
 
-    def truncate(self, run_id: int, length: int, shard: Shard = None) -> None:
-        """Drop tokens past ``length`` (left by a crash before their sequences were committed)."""
+    def keeps_sums(self, run_id: int, shard: Shard = None) -> bool:
+        """Whether the run (or shard) keeps its sequences' gate sums (runs created before it did do not)."""
+        return SUMS in self._group(run_id, shard)
+
+    def sums_length(self, run_id: int, shard: Shard = None) -> int:
+        """Rows of the run's (or shard's) gate sums (0 where it keeps none)."""
+        return int(self._group(run_id, shard)[SUMS].shape[0]) if self.keeps_sums(run_id, shard) else 0
+
+    def truncate(self, run_id: int, length: int, shard: Shard = None, *, sums: int = 0) -> None:
+        """Drop tokens past ``length`` and gate sum rows past ``sums`` (left by a crash before their
+        sequences were committed)."""
         group = self._group(run_id, shard)
+        keep = {name: length for name in self.fields(run_id, shard)}
+        if self.keeps_sums(run_id, shard):
+            keep[SUMS] = sums
         try:
-            for name in self.fields(run_id, shard):
+            for name, rows in keep.items():
                 array = group[name]
-                if array.shape[0] != length:
-                    array.resize((length, *array.shape[1:]))
+                if array.shape[0] != rows:
+                    array.resize((rows, *array.shape[1:]))
         except OSError as exc:
             raise _storage_error(exc, str(self.location)) from None
         if isinstance(self.location, Path):
@@ -344,6 +384,42 @@ class GateStore:
         except OSError as exc:
             raise _storage_error(exc, str(self.location)) from None
         return start
+
+    def append_sequences(self, run_id: int, arrays: Sequence[TokenArrays], shard: Shard = None) -> Appended:
+        """Append the tokens of whole sequences to a run's (or shard's) arrays and, where it keeps them,
+        their gate sums; nothing is committed yet (:meth:`xici.warehouse.Lake.commit_rows`)."""
+        start = self.append(run_id, TokenArrays.concat(list(arrays)), shard)
+        lengths = [len(a) for a in arrays]
+        if not self.keeps_sums(run_id, shard):
+            return Appended(start, lengths)
+        from xici.warehouse.sums_kernel import sequence_sums  # numba: loaded once sums are written
+
+        group = self._group(run_id, shard)
+        ids, weights = (group[name] for name in ("topk_ids", "topk_weights"))
+        rows, counts = sequence_sums(
+            np.concatenate([a.topk_ids for a in arrays]).astype(ids.dtype, copy=False),
+            np.concatenate([a.topk_weights for a in arrays]).astype(weights.dtype, copy=False),
+            int(group.attrs["n_experts"]),
+            np.asarray(lengths, np.int64),
+        )
+        array = group[SUMS]
+        sums_start = int(array.shape[0])
+        try:
+            with zarr.config.set(_WRITE_CONFIG):
+                array.resize((sums_start + len(rows), 3))
+                array[sums_start:] = rows
+        except OSError as exc:
+            raise _storage_error(exc, str(self.location)) from None
+        return Appended(start, lengths, sums_start, [None if c < 0 else int(c) for c in counts])
+
+    def read_sums(self, run_id: int, start: int, stop: int, shard: Shard = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of a run's (or shard's) gate sums, verified (:class:`DamagedGates`)."""
+        if not self.keeps_sums(run_id, shard):
+            problem = f"committed rows, but there is no {SUMS} array"
+            raise DamagedGates(
+                run_id, shard, SUMS, (start, stop), problem, f"{self.location}/{self._key(run_id, shard)}"
+            )
+        return self._verified(self.array(run_id, SUMS, shard), run_id, shard, SUMS, start, stop)
 
     def array(self, run_id: int, name: str, shard: Shard = None) -> zarr.Array:
         """One array of a run (or shard). A read-only store opens each array once and keeps it (opening
@@ -384,7 +460,7 @@ class GateStore:
             return array[start:stop]
         length, size = array.shape[0], array.chunks[0]
         if stop > length:
-            problem = f"the array ends at token {length}, before the committed tokens do"
+            problem = _ends_early(name, length)
             raise DamagedGates(run_id, shard, name, (max(start, length), stop), problem, where)
         chunks = range(start // size, (stop - 1) // size + 1)
         if _decodes_directly(array):
@@ -431,9 +507,16 @@ class GateStore:
         )
 
     def verify(
-        self, run_id: int, stop: int, shard: Shard = None, *, progress: Callable[[int], None] | None = None
+        self,
+        run_id: int,
+        stop: int,
+        shard: Shard = None,
+        *,
+        sums: int = 0,
+        progress: Callable[[int], None] | None = None,
     ) -> Iterator[DamagedGates]:
-        """Every damaged chunk among the first ``stop`` tokens of a run's (or shard's) arrays.
+        """Every damaged chunk among the first ``stop`` tokens of a run's (or shard's) arrays and the first
+        ``sums`` rows of its gate sums.
 
         A chunk with a checksum is read as stored and its checksum computed, without decompressing it; one
         without (arrays written before checksums) is decoded. For ``xici lake check``: reads are verified
@@ -442,13 +525,21 @@ class GateStore:
         """
         group = self._group(run_id, shard)
         store = self._root.store
-        for name in self.fields(run_id, shard):
+        ends = {name: stop for name in self.fields(run_id, shard)}
+        if sums:
+            ends[SUMS] = sums
+        for name, stop in ends.items():
+            if name not in group:
+                problem = f"committed rows, but there is no {SUMS} array"
+                yield DamagedGates(
+                    run_id, shard, name, (0, sums), problem, f"{self.location}/{self._key(run_id, shard)}"
+                )
+                continue
             array = group[name]
             where = f"{self.location}/{self._key(run_id, shard)}/{name}"
             length, size = array.shape[0], array.chunks[0]
             if stop > length:
-                problem = f"the array ends at token {length}, before the committed tokens do"
-                yield DamagedGates(run_id, shard, name, (length, stop), problem, where)
+                yield DamagedGates(run_id, shard, name, (length, stop), _ends_early(name, length), where)
             checksum = isinstance(array.metadata.codecs[-1], Crc32cCodec)
             n_chunks = -(-min(stop, length) // size)
             for first in range(0, n_chunks, _CHUNKS_PER_CHECK):
@@ -458,7 +549,7 @@ class GateStore:
                     problem = _chunk_problem(array, blob, tokens, checksum)
                     if problem is not None:
                         yield DamagedGates(run_id, shard, name, tokens, f"chunk {index} {problem}", where)
-                if progress is not None:
+                if progress is not None and name != SUMS:
                     progress(min(chunks.stop * size, stop) - chunks.start * size)
 
     def read_sequences(
@@ -514,6 +605,27 @@ class GateStore:
             raise ValueError("stored size is only measured for a local gate store")
         root = self.location / self._key(run_id)
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class Appended:
+    """Sequences appended to a run's (or shard's) arrays, not committed yet: their tokens from ``start``,
+    one after the other, and their gate sums' rows from ``sums_start`` (``n_sums`` per sequence; None: no
+    sums kept, see the module notes). Small enough to send between processes."""
+
+    start: int
+    lengths: list[int]
+    sums_start: int | None = None
+    n_sums: list[int | None] | None = None
+
+
+_SUM_SPEC = {SUMS: ((3,), np.dtype(np.int64))}
+
+
+def _ends_early(name: str, length: int) -> str:
+    if name == SUMS:
+        return f"the array ends at row {length}, before the committed rows do"
+    return f"the array ends at token {length}, before the committed tokens do"
 
 
 # Chunks fetched together by GateStore.verify (concurrently, on an object store).

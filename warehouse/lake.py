@@ -1,12 +1,14 @@
 """The lake: one folder holding the DuckDB warehouse and the Zarr store of token routing.
 
-This module owns the commit protocol that keeps the two in step. Token arrays are appended to Zarr first;
-the sequence rows that point at them are then inserted in one DuckDB transaction. A crash in between leaves
+This module owns the commit protocol that keeps the two in step. Token arrays (and each sequence's gate sums)
+are appended to Zarr first;
+the sequence rows that point at them (and, for a recording run, their ``seq_means`` rows) are then inserted
+in one DuckDB transaction. A crash in between leaves
 tokens that no row points at, and :meth:`Lake.resume` cuts them off before the next append. So a sequence row
 exists if and only if all of its tokens are in Zarr, and a re-run never duplicates anything.
 
 A scaled-out run (:mod:`xici.recorder.ray_pool`) splits the protocol: each worker appends to its own shard of
-the run's arrays and hands the token offsets back, and this process, the only one that writes the
+the run's arrays and hands the offsets back, and this process, the only one that writes the
 warehouse, commits the rows (:meth:`Lake.commit_rows`). A shard is committed in the order it was appended,
 so the same rule holds per shard: committed tokens are a prefix of it, and :meth:`Lake.resume` cuts the rest.
 
@@ -31,6 +33,7 @@ from xici.errors import XiciError
 from xici.notebook import LakeReading
 from xici.warehouse.db import WarehouseLocked, attach_read_only, connect, damaged, transaction
 from xici.warehouse.gates import (
+    Appended,
     GateStore,
     Shard,
     TokenArrays,
@@ -48,6 +51,7 @@ LOCK_WAIT_S = 300.0
 ZARR_DIR = "gates.zarr"
 SETTINGS_FILE = "lake.json"
 
+_SEQ_MEANS_VIEW = "xici_committed_means"
 SEQUENCE_COLUMNS = (
     "unit",
     "question_id",
@@ -393,6 +397,14 @@ class Lake(LakeReading):
             [run_id, shard],
         ).fetchone()[0]
 
+    def committed_sums(self, con: duckdb.DuckDBPyConnection, run_id: int, shard: Shard = None) -> int:
+        """Rows of a run's (or shard's) gate sums that committed sequences cover."""
+        return con.execute(
+            "select coalesce(max(sums_start + n_sums), 0) from sequences"
+            " where run_id = ? and shard is not distinct from ?",
+            [run_id, shard],
+        ).fetchone()[0]
+
     def resume(self, run_id: int) -> set[int]:
         """Make the Zarr arrays of a run match its committed sequences; returns the units already done.
 
@@ -410,7 +422,7 @@ class Lake(LakeReading):
                     if shard is not None and committed == 0:
                         gates.drop_shard(run_id, shard)
                     else:
-                        gates.truncate(run_id, committed, shard)
+                        gates.truncate(run_id, committed, shard, sums=self.committed_sums(con, run_id, shard))
         finally:
             con.close()
         return done
@@ -432,54 +444,103 @@ class Lake(LakeReading):
             raise ValueError("one TokenArrays per sequence row")
         if not rows:
             return []
-        start = self.gates().append(run_id, TokenArrays.concat(list(arrays)))
-        return self.commit_rows(run_id, rows, start, [len(a) for a in arrays], also=also)
+        return self.commit_rows(run_id, rows, self.gates().append_sequences(run_id, arrays), also=also)
 
     def commit_rows(
         self,
         run_id: int,
         rows: Sequence[dict[str, Any]],
-        start: int,
-        lengths: Sequence[int],
+        appended: Appended,
         *,
         shard: Shard = None,
         also: Callable[[duckdb.DuckDBPyConnection, list[int]], None] | None = None,
     ) -> list[int]:
-        """Commit the rows of sequences whose tokens are already appended, one after the other from
-        ``start``, to the run's arrays or to ``shard``; returns their seq_ids (see commit_sequences).
+        """Commit the rows of sequences whose tokens (and gate sums) are already appended to the run's arrays
+        or to ``shard`` (:meth:`GateStore.append_sequences`); returns their seq_ids (see commit_sequences).
 
-        The tokens must follow the committed ones directly: a shard is committed in the order it was
+        The tokens and sums must follow the committed ones directly: a shard is committed in the order it was
         written, so nothing uncommitted is ever left between committed sequences.
         """
+        lengths = appended.lengths
         if len(rows) != len(lengths):
             raise ValueError("one length per sequence row")
+        n_sums = appended.n_sums or [None] * len(rows)
+        sums_at = np.cumsum([0, *(n or 0 for n in n_sums)]) + (appended.sums_start or 0)
         with self._transaction() as con:
+            where = f"run {run_id}" if shard is None else f"run {run_id} shard {shard}"
             committed = self.committed_tokens(con, run_id, shard)
-            if committed != start:
-                where = f"run {run_id}" if shard is None else f"run {run_id} shard {shard}"
+            if committed != appended.start:
                 raise RuntimeError(
-                    f"{where}: Zarr holds tokens from {start} but the warehouse committed {committed}; "
-                    "was Lake.resume called before writing?"
+                    f"{where}: Zarr holds tokens from {appended.start} but the warehouse committed "
+                    f"{committed}; was Lake.resume called before writing?"
+                )
+            committed_sums = self.committed_sums(con, run_id, shard)
+            if appended.sums_start is not None and committed_sums != appended.sums_start:
+                raise RuntimeError(
+                    f"{where}: Zarr holds gate sums from row {appended.sums_start} but the warehouse "
+                    f"committed {committed_sums}; was Lake.resume called before writing?"
                 )
             first_id = con.execute("select coalesce(max(seq_id), 0) + 1 from sequences").fetchone()[0]
             seq_ids = list(range(first_id, first_id + len(rows)))
             offsets = np.cumsum([0, *lengths])
             records = [
-                [seq_id, run_id, shard, int(start + offsets[i]), int(lengths[i])]
+                [seq_id, run_id, shard, int(appended.start + offsets[i]), int(lengths[i])]
+                + [None if n_sums[i] is None else int(sums_at[i]), n_sums[i]]
                 + [row[c] for c in SEQUENCE_COLUMNS]
                 for i, (seq_id, row) in enumerate(zip(seq_ids, rows, strict=True))
             ]
             con.executemany(
-                "insert into sequences (seq_id, run_id, shard, token_start, n_tokens, "
+                "insert into sequences (seq_id, run_id, shard, token_start, n_tokens, sums_start, n_sums, "
                 + ", ".join(SEQUENCE_COLUMNS)
                 + ") values ("
-                + ", ".join("?" for _ in range(5 + len(SEQUENCE_COLUMNS)))
+                + ", ".join("?" for _ in range(7 + len(SEQUENCE_COLUMNS)))
                 + ")",
                 records,
             )
+            if appended.sums_start is not None:
+                self._commit_seq_means(con, run_id, shard, seq_ids, lengths, n_sums, sums_at)
             if also is not None:
                 also(con, seq_ids)
         return seq_ids
+
+    def _commit_seq_means(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        run_id: int,
+        shard: Shard,
+        seq_ids: list[int],
+        lengths: Sequence[int],
+        n_sums: Sequence[int | None],
+        sums_at: np.ndarray,
+    ) -> None:
+        """Insert the seq_means rows of sequences of a recording run being committed, from their gate sums
+        as stored (read back, verified): what sql/seq_means.sql gives for them, so that the means an analysis
+        needs are in the warehouse once recorded (:func:`xici.analysis.means.ensure_means` then adds up only
+        the language means). Sequences without gate sums get none (the build takes the run's from its
+        gates)."""
+        [(kind, n_experts)] = con.execute(
+            "select kind, n_experts from runs where run_id = ?", [run_id]
+        ).fetchall()
+        keep = np.array([n is not None for n in n_sums])
+        if kind != "record" or not keep.any():
+            return
+        from xici.warehouse.sums_kernel import seq_means  # numba: loaded once sums are written
+
+        lo, hi = int(sums_at[0]), int(sums_at[-1])
+        sums = self.gates(con=con).read_sums(run_id, lo, hi, shard)
+        rows = seq_means(
+            sums,
+            sums_at[:-1][keep] - lo,
+            np.array([n or 0 for n in n_sums])[keep],
+            np.asarray(lengths, np.int64)[keep],
+            np.asarray(seq_ids, np.int64)[keep],
+            n_experts,
+        )
+        con.register(_SEQ_MEANS_VIEW, rows)
+        try:
+            con.execute(f"insert into seq_means select ?, * from {_SEQ_MEANS_VIEW}", [run_id])
+        finally:
+            con.unregister(_SEQ_MEANS_VIEW)
 
     # -- SQL over tokens ----------------------------------------------------------------------------------
 

@@ -336,21 +336,9 @@ class TokenScan(ArrowScanSource):
         def task(plan: _Plan, read: _Read) -> tuple[int, T]:
             return int(read.lengths.sum()), work(plan, read, self._read(plan, read, fields))
 
-        reads = iter(reads)
-        pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="xici-scan")
-        pending = deque(pool.submit(task, *read) for read in itertools.islice(reads, READ_AHEAD))
-        try:
-            while pending:
-                tokens, result = pending.popleft().result()
-                following = next(reads, None)
-                if following is not None:
-                    pending.append(pool.submit(task, *following))
-                self.stats._add(read=tokens)
-                yield result
-        finally:  # DuckDB may stop early (LIMIT): drop the reads prepared ahead
-            for future in pending:
-                future.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+        for tokens, result in read_ahead(reads, task):
+            self.stats._add(read=tokens)
+            yield result
 
     def per_read(
         self, fields: list[str], work: Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], T]
@@ -532,6 +520,25 @@ _SMALLEST_SUBNORMAL = np.array([np.finfo(np.float32).smallest_subnormal])
 def _flushes_denormals() -> bool:
     """Whether this thread's floating point flushes subnormal inputs or results to 0."""
     return bool((_SMALLEST_SUBNORMAL * np.float32(1))[0] == 0)
+
+
+def read_ahead(items: Iterable[tuple], task: Callable[..., T], ahead: int = READ_AHEAD) -> Iterator[T]:
+    """``task(*item)`` for every item, in order, done in ``ahead`` threads ahead of the consumer (Zarr
+    decoding and compiled or numpy work run outside the GIL), so that at most ``ahead`` results wait."""
+    items = iter(items)
+    pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="xici-read")
+    pending = deque(pool.submit(task, *item) for item in itertools.islice(items, ahead))
+    try:
+        while pending:
+            result = pending.popleft().result()
+            following = next(items, None)
+            if following is not None:
+                pending.append(pool.submit(task, *following))
+            yield result
+    finally:  # the consumer may stop early (DuckDB's LIMIT, an error): drop the work prepared ahead
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _per_layer(plan: _Plan) -> int:
