@@ -344,7 +344,7 @@ class GateStore:
         """Rows of the run's (or shard's) gate sums (0 where it keeps none)."""
         return int(self._group(run_id, shard)[SUMS].shape[0]) if self.keeps_sums(run_id, shard) else 0
 
-    def truncate(self, run_id: int, length: int, shard: Shard = None, *, sums: int = 0) -> None:
+    def truncate(self, run_id: int, length: int, shard: Shard = None, *, sums: int) -> None:
         """Drop tokens past ``length`` and gate sum rows past ``sums`` (left by a crash before their
         sequences were committed)."""
         group = self._group(run_id, shard)
@@ -388,7 +388,8 @@ class GateStore:
     def append_sequences(self, run_id: int, arrays: Sequence[TokenArrays], shard: Shard = None) -> Appended:
         """Append the tokens of whole sequences to a run's (or shard's) arrays and, where it keeps them,
         their gate sums; nothing is committed yet (:meth:`xici.warehouse.Lake.commit_rows`)."""
-        start = self.append(run_id, TokenArrays.concat(list(arrays)), shard)
+        tokens = TokenArrays.concat(list(arrays))
+        start = self.append(run_id, tokens, shard)
         lengths = [len(a) for a in arrays]
         if not self.keeps_sums(run_id, shard):
             return Appended(start, lengths)
@@ -396,9 +397,9 @@ class GateStore:
 
         group = self._group(run_id, shard)
         ids, weights = (group[name] for name in ("topk_ids", "topk_weights"))
-        rows, counts = sequence_sums(
-            np.concatenate([a.topk_ids for a in arrays]).astype(ids.dtype, copy=False),
-            np.concatenate([a.topk_weights for a in arrays]).astype(weights.dtype, copy=False),
+        rows, counts = sequence_sums(  # from the values as stored
+            tokens.topk_ids.astype(ids.dtype, copy=False),
+            tokens.topk_weights.astype(weights.dtype, copy=False),
             int(group.attrs["n_experts"]),
             np.asarray(lengths, np.int64),
         )
