@@ -95,6 +95,8 @@ def lake_state(lake: Lake) -> dict[str, Any]:
             "sequences": "select * exclude (shard, token_start, sums_start) from sequences order by seq_id",
             "grades": "select * exclude (graded_at) from grades order by seq_id, grader",
             "thinking": "select * from thinking order by seq_id",
+            # committed with the sequences, from the gate sums each worker wrote into its shard
+            "seq_means": "select * from seq_means order by all",
             "ablations": "select * from ablations order by run_id",
             "ablation_experts": "select * from ablation_experts order by all",
             "ablation_metrics": "select * exclude (computed_at) from ablation_metrics order by run_id",
@@ -114,6 +116,11 @@ def lake_state(lake: Lake) -> dict[str, Any]:
                 "select run_id, shard, max(token_start + n_tokens) from sequences group by all"
             ).fetchall()
         }
+        sums = dict(
+            con.execute(
+                "select (run_id, shard), coalesce(max(sums_start + n_sums), 0) from sequences group by all"
+            ).fetchall()
+        )
     finally:
         con.close()
 
@@ -122,9 +129,11 @@ def lake_state(lake: Lake) -> dict[str, Any]:
     for run in runs:
         run_id = run["run_id"]
         assert gates.length(run_id) == committed.get((run_id, None), 0), f"run {run_id}: uncut tokens"
+        assert gates.sums_length(run_id) == sums.get((run_id, None), 0), f"run {run_id}: uncut gate sums"
         for shard in gates.shards(run_id):
             assert (run_id, shard) in committed, f"run {run_id} shard {shard} holds no committed token"
             assert gates.length(run_id, shard) == committed[run_id, shard], f"run {run_id} shard {shard}"
+            assert gates.sums_length(run_id, shard) == sums[(run_id, shard)], f"run {run_id} shard {shard}"
         for (other, shard), end in committed.items():
             if other == run_id:
                 blocks[run_id, shard] = gates.read(run_id, 0, end, shard=shard, logits=True)

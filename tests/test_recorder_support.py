@@ -115,18 +115,21 @@ def snapshot(lake: Lake) -> dict[str, Any]:
         runs = con.execute("select * exclude (created_at, finished_at) from runs order by run_id").fetchall()
         sequences = con.execute("select * from sequences order by seq_id").fetchall()
         grades = con.execute("select * exclude (graded_at) from grades order by seq_id, grader").fetchall()
-        committed = {r: lake.committed_tokens(con, r) for r, *_ in runs}
+        means = con.execute("select * from seq_means order by all").fetchall()
+        committed = {r: (lake.committed_tokens(con, r), lake.committed_sums(con, r)) for r, *_ in runs}
     finally:
         con.close()
     gates = lake.gates(read_only=True)
     arrays = {}
-    for run_id, length in committed.items():
+    for run_id, (length, sums) in committed.items():
         assert gates.length(run_id) == length, "Zarr holds tokens that no sequence row points at"
+        assert gates.sums_length(run_id) == sums, "Zarr holds gate sums that no sequence row points at"
         block = gates.read(run_id, 0, length, logits=True)
         arrays[run_id] = {
             name: getattr(block, name) for name in ("token_ids", "topk_ids", "topk_weights", "router_logits")
         }
-    return {"runs": runs, "sequences": sequences, "grades": grades, "arrays": arrays}
+        arrays[run_id]["gate_sums"] = gates.read_sums(run_id, 0, sums) if gates.keeps_sums(run_id) else None
+    return {"runs": runs, "sequences": sequences, "grades": grades, "seq_means": means, "arrays": arrays}
 
 
 def assert_same_lake(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -134,6 +137,7 @@ def assert_same_lake(got: dict[str, Any], want: dict[str, Any]) -> None:
     assert got["runs"] == want["runs"]
     assert got["sequences"] == want["sequences"]
     assert got["grades"] == want["grades"]
+    assert got["seq_means"] == want["seq_means"]
     assert got["arrays"].keys() == want["arrays"].keys()
     for run_id, fields in want["arrays"].items():
         for name, array in fields.items():
