@@ -612,6 +612,7 @@ def _run(
             "top_k": deactivation.gate.top_k,
             "n_experts": deactivation.n_experts,
             "gate_dtype": params["gate_dtype"],
+            "gate_sums": False,  # they serve the means of recording runs only
         },
         masks=lambda todo: torch.from_numpy(np.stack([masks[u.question_id] for u in todo])),
         max_batches=max_batches,

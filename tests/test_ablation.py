@@ -126,6 +126,10 @@ def test_ablation_asks_exactly_the_recorded_prompts_and_stores_graded_answers(re
     )[0]
     assert (kind, status, n_units) == ("ablation", "finished", N_ASKED)
     assert '"max_new_tokens": 8' in params and '"condition": "xici"' in params
+    # gate sums and committed seq_means serve the means of recordings: an ablation run keeps neither
+    assert lake.gates(read_only=True).keeps_sums(1) and not lake.gates(read_only=True).keeps_sums(run_id)
+    assert rows(lake, "select count(n_sums) from sequences where run_id = ?", [run_id]) == [(0,)]
+    assert rows(lake, "select count(*) from seq_means where run_id = ?", [run_id]) == [(0,)]
 
 
 def test_per_request_masks_in_one_batch_equal_one_question_at_a_time(recorded, tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ Layout (Zarr v3), for run ``R`` with T tokens, L MoE layers, top-k routing over 
     runs/R/gate_sums      int64   [S, 3]      per sequence: (layer * E + expert, weight sum, n_selected)
     runs/R/shards/S/...   the same arrays, once per shard S of a scaled-out run
 
-``gate_sums`` holds what sql/gate_sums.sql gives for each sequence (weight sums in whole units of 2^-32), the
+``gate_sums`` (recording runs only: an ablation's runs need no means) holds what sql/gate_sums.sql gives for
+each sequence (weight sums in whole units of 2^-32), the
 rows of a sequence together and sorted by the sum (:mod:`xici.warehouse.sums_kernel`), written with its
 tokens (:meth:`GateStore.append_sequences`): building the means reads these rows, about 1/40 of the gates,
 instead of every token. The warehouse's ``sequences.sums_start`` and ``n_sums`` say where a sequence's rows
@@ -265,9 +266,11 @@ class GateStore:
         n_experts: int,
         gate_dtype: str = "float16",
         store_logits: bool = False,
+        gate_sums: bool = True,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
-        """Create the empty arrays of a run (a no-op when they already exist)."""
+        """Create the empty arrays of a run (a no-op when they already exist); ``gate_sums``: keep each
+        sequence's gate sums too (what the means of a recording are built from)."""
         if gate_dtype not in GATE_DTYPES:
             raise XiciError(f"gate dtype {gate_dtype!r} is not supported", fix=f"use one of {GATE_DTYPES}")
         if self.has_run(run_id):
@@ -281,7 +284,8 @@ class GateStore:
             specs["router_logits"] = ((n_layers, n_experts), np.dtype(gate_dtype))
         attrs = {"n_layers": n_layers, "top_k": top_k, "n_experts": n_experts}
         self._create_arrays(self._key(run_id), specs, attrs, chunk_tokens)
-        self._create_arrays(self._key(run_id), _SUM_SPEC, {}, SUM_CHUNK_ROWS)
+        if gate_sums:
+            self._create_arrays(self._key(run_id), _SUM_SPEC, {}, SUM_CHUNK_ROWS)
 
     def _create_arrays(
         self, key: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dict, chunk_tokens: int
