@@ -10,12 +10,12 @@ Layout (Zarr v3), for run ``R`` with T tokens, L MoE layers, top-k routing over 
     runs/R/shards/S/...   the same arrays, once per shard S of a scaled-out run
 
 ``gate_sums`` (recording runs only: an ablation's runs need no means) holds what sql/gate_sums.sql gives for
-each sequence (weight sums in whole units of 2^-32), the
-rows of a sequence together and sorted by the sum (:mod:`xici.warehouse.sums_kernel`), written with its
-tokens (:meth:`GateStore.append_sequences`): building the means reads these rows, about 1/40 of the gates,
-instead of every token. The warehouse's ``sequences.sums_start`` and ``n_sums`` say where a sequence's rows
-are; NULL (a run recorded before sums were kept, a sequence with a weight that is not a finite number, tokens
-appended without them) means the means are taken from the gates themselves.
+each sequence (weight sums in whole units of 2^-32), the rows of a sequence together and sorted by the sum
+(:mod:`xici.warehouse.sums_kernel`), written with its tokens (:meth:`GateStore.append_sequences`): the means
+are computed from these rows, about 1/40 of the gates, instead of every token. The warehouse's
+``sequences.sums_start`` and ``n_sums`` say where a sequence's rows are; NULL (a run recorded before sums were
+kept, a sequence with a weight that is not a finite number, tokens appended without them) means the means are
+taken from the gates themselves.
 
 A run recorded by one process appends to its own arrays; the workers of a scaled-out run (:mod:`xici.recorder.
 ray_pool`) each append to a shard of their own, so no two processes ever write one array. Arrays are chunked
