@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from xici.warehouse.sums_kernel import compiled, finite, units
+from xici.warehouse.sums_kernel import add_tokens, column_bins, compiled, mean_units
 
 
 @compiled
@@ -52,31 +52,20 @@ def seq_means_rows(
     ``-1 - i`` when sequence i holds a weight that is not a finite number."""
     width = ids.shape[1]
     per_seq = (width // top_k) * n_experts
-    column_bin = np.empty(width, np.int64)
-    for c in range(width):
-        column_bin[c] = (c // top_k) * n_experts
+    column_bin = column_bins(width, top_k, n_experts)
     sums = np.zeros(per_seq, np.int64)
     selected = np.zeros(per_seq, np.int32)
     token, rows = 0, 0
     for s in range(len(lengths)):
-        n, ok = lengths[s], True
-        for t in range(token, token + n):
-            for c in range(width):
-                ok = ok and finite(weights[t, c], half)
-                b = column_bin[c] + ids[t, c]
-                sums[b] += units(weights[t, c], half)
-                selected[b] += 1
-        if not ok:
+        n = lengths[s]
+        if not add_tokens(ids, weights, half, column_bin, token, n, sums, selected):
             return -1 - s
         token += n
         seq_first_row[s] = rows
         for b in range(per_seq):
             if selected[b]:
-                mean = sums[b] / n
-                whole = np.floor(abs(mean))
-                if abs(mean) - whole >= 0.5:
-                    whole += 1.0
-                if mean > 0 and whole > 0:  # m > 0 only (seq_means.sql)
+                whole = mean_units(sums[b], n)
+                if whole > 0:  # m > 0 only (seq_means.sql)
                     out_seq[rows] = s
                     out_bin[rows] = b
                     out_units[rows] = np.int64(whole)

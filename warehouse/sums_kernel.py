@@ -52,6 +52,50 @@ def finite(value: int | float, half: bool) -> bool:
     return np.isfinite(value)
 
 
+@numba.njit(inline="always")
+def add_tokens(
+    ids: np.ndarray,
+    weights: np.ndarray,
+    half: bool,
+    column_bin: np.ndarray,
+    first: int,
+    n: int,
+    sums: np.ndarray,
+    selected: np.ndarray,
+) -> bool:
+    """Add the weights of tokens ``[first, first + n)`` into their (layer, expert) bins as whole units
+    (``column_bin``: the first bin of each column's layer), and count the tokens that selected each bin;
+    returns whether every weight was a finite number."""
+    ok = True
+    for t in range(first, first + n):
+        for c in range(ids.shape[1]):
+            ok = ok and finite(weights[t, c], half)
+            b = column_bin[c] + ids[t, c]
+            sums[b] += units(weights[t, c], half)
+            selected[b] += 1
+    return ok
+
+
+@numba.njit(inline="always")
+def column_bins(width: int, top_k: int, n_experts: int) -> np.ndarray:
+    """The first bin of each column's layer, for arrays shaped [tokens, layers * top_k]."""
+    out = np.empty(width, np.int64)
+    for c in range(width):
+        out[c] = (c // top_k) * n_experts
+    return out
+
+
+@numba.njit(inline="always")
+def mean_units(total: int, n: int) -> float:
+    """m in whole units of 2^-32: ``total / n`` rounded halves away from zero, as seq_means.sql's
+    ``round()``; positive only where m > 0 (the rows seq_means keeps)."""
+    mean = total / n
+    whole = np.floor(abs(mean))
+    if abs(mean) - whole >= 0.5:
+        whole += 1.0
+    return whole if mean > 0 else -whole
+
+
 @compiled
 def _sequence_sums(
     ids: np.ndarray,
@@ -70,18 +114,14 @@ def _sequence_sums(
     Returns the rows written."""
     width = ids.shape[1]
     per_seq = (width // top_k) * n_experts
+    column_bin = column_bins(width, top_k, n_experts)
     sums = np.zeros(per_seq, np.int64)
     selected = np.zeros(per_seq, np.int64)
     used = np.empty(per_seq, np.int64)
     token, rows = 0, 0
     for s in range(len(lengths)):
-        n, ok = lengths[s], True
-        for t in range(token, token + n):
-            for c in range(width):
-                ok = ok and finite(weights[t, c], half)
-                b = (c // top_k) * n_experts + ids[t, c]
-                sums[b] += units(weights[t, c], half)
-                selected[b] += 1
+        n = lengths[s]
+        ok = add_tokens(ids, weights, half, column_bin, token, n, sums, selected)
         token += n
         k = 0
         for b in range(per_seq):  # ascending bins: the stable sort below keeps them so among equal sums
@@ -163,11 +203,8 @@ def seq_means_from_sums(
         n, kept, rank, previous = lengths[s], 0, 0, np.int64(-1)
         for i in range(starts[s], starts[s] + counts[s]):
             b, selected = sums[i, 0], sums[i, 2]
-            mean = sums[i, 1] / n
-            whole = np.floor(abs(mean))
-            if abs(mean) - whole >= 0.5:
-                whole += 1.0
-            if mean > 0 and whole > 0:  # m > 0 only (seq_means.sql)
+            whole = mean_units(sums[i, 1], n)
+            if whole > 0:  # m > 0 only (seq_means.sql)
                 m = np.int64(whole)
                 kept += 1
                 if m != previous:
