@@ -132,7 +132,7 @@ def test_resume_cuts_what_was_not_committed_and_equals_the_uninterrupted_run(
     lake.use_gates(gates_url)
     with pytest.raises(Stop):
         record(lake, spec_for(qwen), device="cpu", batch_size=BATCH, on_batch=stop)
-    committed = lake.read(lambda con: lake.committed_tokens(con, 1))
+    committed = lake.read(lambda con: lake.committed(con, 1)[0])
     gates = lake.gates()
     assert 0 < committed == gates.length(1) < 4096  # the first batch, inside the first chunk
 
@@ -299,9 +299,7 @@ def test_record_cli_with_gates_url(qwen: Path, tmp_path: Path) -> None:
     assert first.exit_code == 0, first.output
     assert "Run 1: recorded 5 of 5 units." in first.output
     assert Lake(lake.root).gates_location == url and not lake.zarr_path.exists()
-    assert (
-        GateStore(url, read_only=True).length(1) == lake.read(lambda con: lake.committed_tokens(con, 1)) > 0
-    )
+    assert GateStore(url, read_only=True).length(1) == lake.read(lambda con: lake.committed(con, 1)[0]) > 0
     again = CliRunner().invoke(cli, args)  # the same URL again is fine
     assert again.exit_code == 0 and "already finished" in again.output
     other = CliRunner().invoke(cli, [*args[:-1], f"file://{tmp_path / 'other.zarr'}"])

@@ -48,14 +48,16 @@ def chunk(lake: Lake, field: str, index: int) -> Path:
     return next(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else path
 
 
-def sequences_in(lake: Lake, lo: int, hi: int) -> list[int]:
-    """seq_ids of run 1 whose tokens overlap [lo, hi)."""
+def sequences_in(
+    lake: Lake, lo: int, hi: int, start: str = "token_start", length: str = "n_tokens"
+) -> list[int]:
+    """seq_ids of run 1 whose tokens (or gate sum rows: ``sums_start``, ``n_sums``) overlap [lo, hi)."""
     return lake.read(
         lambda con: [
             r[0]
             for r in con.execute(
-                "select seq_id from sequences where run_id = 1"
-                " and token_start < ? and token_start + n_tokens > ? order by 1",
+                f"select seq_id from sequences where run_id = 1 and {start} < ? and {start} + {length} > ? "
+                "order by 1",
                 [hi, lo],
             ).fetchall()
         ]
@@ -308,20 +310,6 @@ def test_lake_check_reads_shards(lake: Lake) -> None:
     assert found["tokens"][1].startswith(f"the token arrays of shard {committed} of run 1 are damaged")
 
 
-def sums_of(lake: Lake, lo: int, hi: int) -> list[int]:
-    """seq_ids of run 1 whose gate sum rows overlap [lo, hi)."""
-    return lake.read(
-        lambda con: [
-            r[0]
-            for r in con.execute(
-                "select seq_id from sequences where run_id = 1"
-                " and sums_start < ? and sums_start + n_sums > ? order by 1",
-                [hi, lo],
-            ).fetchall()
-        ]
-    )
-
-
 def test_damaged_gate_sums_are_an_error_never_means(lake: Lake) -> None:
     """The language means are added up from the gate sums recorded with the sequences: a missing or
     garbled chunk of them stops the build naming the sequences it holds, and xici lake check finds both."""
@@ -330,7 +318,7 @@ def test_damaged_gate_sums_are_an_error_never_means(lake: Lake) -> None:
     chunk(lake, "gate_sums", 0).unlink()
     analyzed = xici(lake.root, "analyze", "--run", "1")
     assert analyzed.exit_code == 1 and "Traceback" not in analyzed.output
-    first, *_, last = sums_of(lake, 0, size)
+    first, *_, last = sequences_in(lake, 0, size, "sums_start", "n_sums")
     assert f"run 1 are damaged: gate_sums, rows 0-{size - 1} (seq_id {first}-{last})" in analyzed.output
     assert "chunk 0 is missing" in analyzed.output
     garbage = chunk(lake, "gate_sums", 1)

@@ -116,7 +116,7 @@ def snapshot(lake: Lake) -> dict[str, Any]:
         sequences = con.execute("select * from sequences order by seq_id").fetchall()
         grades = con.execute("select * exclude (graded_at) from grades order by seq_id, grader").fetchall()
         means = con.execute("select * from seq_means order by all").fetchall()
-        committed = {r: (lake.committed_tokens(con, r), lake.committed_sums(con, r)) for r, *_ in runs}
+        committed = {r: lake.committed(con, r) for r, *_ in runs}
     finally:
         con.close()
     gates = lake.gates(read_only=True)

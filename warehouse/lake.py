@@ -1,11 +1,10 @@
 """The lake: one folder holding the DuckDB warehouse and the Zarr store of token routing.
 
 This module owns the commit protocol that keeps the two in step. Token arrays (and each sequence's gate sums)
-are appended to Zarr first;
-the sequence rows that point at them (and, for a recording run, their ``seq_means`` rows) are then inserted
-in one DuckDB transaction. A crash in between leaves
-tokens that no row points at, and :meth:`Lake.resume` cuts them off before the next append. So a sequence row
-exists if and only if all of its tokens are in Zarr, and a re-run never duplicates anything.
+are appended to Zarr first; the sequence rows that point at them (and, for a recording run, their
+``seq_means`` rows) are then inserted in one DuckDB transaction. A crash in between leaves tokens that no row
+points at, and :meth:`Lake.resume` cuts them off before the next append. So a sequence row exists if and only
+if all of its tokens are in Zarr, and a re-run never duplicates anything.
 
 A scaled-out run (:mod:`xici.recorder.ray_pool`) splits the protocol: each worker appends to its own shard of
 the run's arrays and hands the offsets back, and this process, the only one that writes the
@@ -389,21 +388,14 @@ class Lake(LakeReading):
         con.execute(f"insert into runs ({names}) values ({marks})", list(values.values()))
         return run_id, True
 
-    def committed_tokens(self, con: duckdb.DuckDBPyConnection, run_id: int, shard: Shard = None) -> int:
-        """Tokens of a run's arrays (or of one shard) that committed sequences cover."""
+    def committed(self, con: duckdb.DuckDBPyConnection, run_id: int, shard: Shard = None) -> tuple[int, int]:
+        """Tokens of a run's arrays (or of one shard), and rows of its gate sums, that committed sequences
+        cover."""
         return con.execute(
-            "select coalesce(max(token_start + n_tokens), 0) from sequences"
-            " where run_id = ? and shard is not distinct from ?",
+            "select coalesce(max(token_start + n_tokens), 0), coalesce(max(sums_start + n_sums), 0)"
+            " from sequences where run_id = ? and shard is not distinct from ?",
             [run_id, shard],
-        ).fetchone()[0]
-
-    def committed_sums(self, con: duckdb.DuckDBPyConnection, run_id: int, shard: Shard = None) -> int:
-        """Rows of a run's (or shard's) gate sums that committed sequences cover."""
-        return con.execute(
-            "select coalesce(max(sums_start + n_sums), 0) from sequences"
-            " where run_id = ? and shard is not distinct from ?",
-            [run_id, shard],
-        ).fetchone()[0]
+        ).fetchone()
 
     def resume(self, run_id: int) -> set[int]:
         """Make the Zarr arrays of a run match its committed sequences; returns the units already done.
@@ -418,11 +410,11 @@ class Lake(LakeReading):
             gates = self.gates(con=con)
             if gates.has_run(run_id):
                 for shard in [None, *gates.shards(run_id)]:
-                    committed = self.committed_tokens(con, run_id, shard)
-                    if shard is not None and committed == 0:
+                    tokens, sums = self.committed(con, run_id, shard)
+                    if shard is not None and tokens == 0:
                         gates.drop_shard(run_id, shard)
                     else:
-                        gates.truncate(run_id, committed, shard, sums=self.committed_sums(con, run_id, shard))
+                        gates.truncate(run_id, tokens, shard, sums=sums)
         finally:
             con.close()
         return done
@@ -468,13 +460,12 @@ class Lake(LakeReading):
         sums_at = np.cumsum([0, *(n or 0 for n in n_sums)]) + (appended.sums_start or 0)
         with self._transaction() as con:
             where = f"run {run_id}" if shard is None else f"run {run_id} shard {shard}"
-            committed = self.committed_tokens(con, run_id, shard)
+            committed, committed_sums = self.committed(con, run_id, shard)
             if committed != appended.start:
                 raise RuntimeError(
                     f"{where}: Zarr holds tokens from {appended.start} but the warehouse committed "
                     f"{committed}; was Lake.resume called before writing?"
                 )
-            committed_sums = self.committed_sums(con, run_id, shard)
             if appended.sums_start is not None and committed_sums != appended.sums_start:
                 raise RuntimeError(
                     f"{where}: Zarr holds gate sums from row {appended.sums_start} but the warehouse "
